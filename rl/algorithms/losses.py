@@ -1,0 +1,99 @@
+"""The policy loss in one place: PPO-clip with clip-higher, optional TIS, KL and entropy terms.
+
+All tensors are [B, T] aligned to token positions (logprob at t scores token t given < t);
+`mask` marks the response tokens that are trained. The loss is a *sum* divided by a
+normaliser the caller passes (the global token or sequence count of the minibatch), so the
+gradient does not depend on how the minibatch is split across ranks and micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PolicyLossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    tis_cap: float = 0.0
+    loss_agg: str = "token_mean"
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimates on samples from pi (Schulman's k1 and k3)."""
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        log_ratio = log_ratio.clamp(-20, 20)
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown kl estimator {estimator!r}")
+
+
+def aggregate(values, mask, loss_agg: str, normaliser: float) -> torch.Tensor:
+    """Sum of per-token values, weighted for token- or sequence-mean, over a global normaliser.
+
+    token_mean: Σ_tokens v / N_tokens(global). seq_mean: Σ_seq (Σ_t v / len_seq) / N_seq(global).
+    """
+    mask = mask.to(values.dtype)
+    if loss_agg == "token_mean":
+        return (values * mask).sum() / normaliser
+    if loss_agg == "seq_mean":
+        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / normaliser
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+    normaliser: float,
+    sampler_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+):
+    """Return (loss, metrics). `advantages` is per token (already multiplied by credit γ)."""
+    mask_f = mask.to(logprobs.dtype)
+    n_tok = mask_f.sum().clamp(min=1)
+    log_ratio = (logprobs - old_logprobs).clamp(-20, 20)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    if cfg.tis_cap > 0 and sampler_logprobs is not None:
+        # The sampler (vLLM) and learner disagree slightly; reweight by their capped ratio.
+        tis = torch.exp((old_logprobs - sampler_logprobs).clamp(max=20)).clamp(max=cfg.tis_cap)
+        per_token = per_token * tis.detach()
+    if cfg.kl_coef > 0 and ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+        per_token = per_token + cfg.kl_coef * kl
+    else:
+        kl = None
+    if cfg.entropy_coef > 0 and entropy is not None:
+        per_token = per_token - cfg.entropy_coef * entropy
+    loss = aggregate(per_token, mask, cfg.loss_agg, normaliser)
+
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - cfg.clip_low) & (advantages < 0)) | (
+            (ratio > 1 + cfg.clip_high) & (advantages > 0))
+        metrics = {
+            "clip_frac": ((is_clipped.to(mask_f.dtype) * mask_f).sum() / n_tok).item(),
+            "ratio_mean": ((ratio * mask_f).sum() / n_tok).item(),
+            "approx_kl_old": ((0.5 * log_ratio**2 * mask_f).sum() / n_tok).item(),
+        }
+        if kl is not None:
+            metrics["kl"] = ((kl * mask_f).sum() / n_tok).item()
+        if entropy is not None:
+            metrics["entropy"] = ((entropy * mask_f).sum() / n_tok).item()
+    return loss, metrics
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, normaliser: float) -> torch.Tensor:
+    """Negative log-likelihood of the masked (response) tokens, summed over a global count."""
+    return -(logprobs * mask.to(logprobs.dtype)).sum() / normaliser

@@ -1,0 +1,67 @@
+"""The one structure that flows between stages of an RL step.
+
+Tensors are right-padded [B, T] over prompt ⊕ response. Per-token quantities are aligned to the
+token they score: `x[:, t]` belongs to token t given tokens < t, so position 0 never carries a
+logprob. Stages fill fields in order (rollout → rewards → scoring → credit → advantages) and a
+credit method edits `token_weights` in place; nothing else needs to know it exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+# Token classes per position, for credit methods that care which prompt part a token is in.
+TOKEN_CLASS = {"other": 0, "system": 1, "evidence": 2, "distractor": 3, "response": 4}
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor           # [B, T] long
+    attention_mask: torch.Tensor      # [B, T] bool
+    response_mask: torch.Tensor       # [B, T] bool: response tokens that are trained
+    sampler_logprobs: torch.Tensor    # [B, T] float32, from vLLM
+    token_classes: torch.Tensor       # [B, T] int8, see TOKEN_CLASS
+    group_ids: torch.Tensor           # [B] long: responses of one prompt share an id
+    rewards: torch.Tensor             # [B] float32
+    token_weights: torch.Tensor       # [B, T] float32: credit γ, ones by default
+    old_logprobs: torch.Tensor | None = None   # [B, T] learner-recomputed at the start of the step
+    ref_logprobs: torch.Tensor | None = None   # [B, T] frozen reference (KL)
+    entropy: torch.Tensor | None = None        # [B, T] learner entropy of the next-token dist.
+    advantages: torch.Tensor | None = None     # [B, T] = scalar advantage × token_weights
+    attn_stats: dict[str, Any] | None = None   # per-layer attention statistics (credit methods)
+    meta: list[dict] = field(default_factory=list)  # per response: uid, prompt/response text, …
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def tensor_fields(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def select(self, idx: torch.Tensor | list[int]) -> "RolloutBatch":
+        """Rows `idx` of every tensor (and meta), for splitting into minibatches and ranks."""
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        kwargs = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                kwargs[f.name] = v.index_select(0, idx_t)
+            elif f.name == "meta":
+                kwargs[f.name] = [v[i] for i in idx_t.tolist()] if v else []
+            else:
+                kwargs[f.name] = None if v is None else v  # stats are re-derived per shard
+        return RolloutBatch(**kwargs)
+
+    def trimmed(self) -> "RolloutBatch":
+        """Drop trailing all-padding columns so forwards do not pay for them."""
+        t = int(self.attention_mask.any(0).nonzero().max()) + 1
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, v in self.tensor_fields().items():
+            if v.dim() == 2:
+                kwargs[name] = v[:, :t]
+        return RolloutBatch(**kwargs)
+
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)

@@ -1,0 +1,57 @@
+"""Checkpoints: written whole or not at all, the last N kept, found again on resume.
+
+Layout of `<output_dir>/checkpoints/step_000020/`:
+    ds/                   DeepSpeed state of every rank (model, optimizer)
+    hf/                   HF export (safetensors + tokenizer) that vLLM/transformers load
+    trainer_state.json    step, data position, metrics history position, RNG seeds
+Everything is written into `.tmp-step_000020/` first and renamed when complete: a crash
+mid-write leaves only a temp folder, which `latest()` never returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+STEP_DIR = re.compile(r"^step_(\d{6})$")
+
+
+class CheckpointManager:
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def list(self) -> list[Path]:
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.json").exists()]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        ckpts = self.list()
+        return ckpts[-1] if ckpts else None
+
+    def save(self, step: int, state: dict, write_learner) -> Path:
+        """`write_learner(tmp_dir)` writes the learner's parts; then the state, then rename."""
+        final = self.root / f"step_{step:06d}"
+        tmp = self.root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_learner(tmp)
+        with open(tmp / "trainer_state.json", "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step (e.g. a resumed run's last step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in self.list()[: -self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load_state(ckpt: Path) -> dict:
+        with open(ckpt / "trainer_state.json") as f:
+            return json.load(f)

@@ -1,0 +1,107 @@
+"""Where the RL policy starts: the base model, then a supervised warm-start on worked solutions.
+
+Both products are cached under `<cache>/` by a hash of the config that made them, written to a
+temporary folder and renamed into place, so a crash never leaves a half-written model that a
+later run would trust, and seeds × methods sweeps share one cold start.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from rl.data import collate_sft, encode_prompt
+from rl.tasks import get_task
+from rl.tiny_model import TinyModelSpec, build_tiny_model
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(*parts) -> str:
+    blob = json.dumps([OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p
+                       for p in parts], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def atomic_dir(final: Path, build) -> Path:
+    """Run build(tmp_dir) and rename tmp_dir to `final`; a concurrent winner is kept."""
+    if final.exists():
+        return final
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return final
+
+
+def base_model_path(cfg, cache: Path) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    spec = TinyModelSpec(**OmegaConf.to_container(cfg.model.tiny))
+    final = cache / f"tiny-{config_hash(asdict(spec))}"
+    return str(atomic_dir(final, lambda tmp: build_tiny_model(tmp, spec)))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_cold_start(cfg, cache: Path, progress: bool = True) -> str:
+    """The HF folder the RL stage starts from (the base model if cold start is disabled)."""
+    base = base_model_path(cfg, cache)
+    cs = cfg.cold_start
+    if not cs.enabled:
+        return base
+    key = config_hash(cfg.model, cfg.task, cs, cfg.learner.zero_stage)
+    final = cache / f"cold_start-{key}"
+    if final.exists() and cs.reuse:
+        log.info("cold start: reusing %s", final)
+        return str(final)
+
+    def build(tmp: Path) -> None:
+        from rl.runtime import start_learner
+
+        tok = load_tokenizer(base)
+        task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
+        learner = start_learner(cfg, base, lr=cs.lr, minibatch_size=cs.batch_size)
+        t0 = time.perf_counter()
+        bar = tqdm(range(cs.steps), desc="cold start (SFT)", disable=not progress,
+                   dynamic_ncols=True)
+        for step in bar:
+            samples = task.dataset("train", cs.batch_size, start=step * cs.batch_size)
+            prompts = [encode_prompt(tok, s, cfg.model.prompt_prefix, cfg.model.response_prefix)
+                       for s in samples]
+            responses = [tok(s.solution, add_special_tokens=False)["input_ids"]
+                         + [tok.eos_token_id] for s in samples]
+            learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))
+            m = learner.train_minibatch(collate_sft(prompts, responses, tok.pad_token_id),
+                                        "sft", None, "token_mean")
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+        learner.export_hf(str(tmp))
+        learner.shutdown()
+        log.info("cold start: %d steps in %.1f s", cs.steps, time.perf_counter() - t0)
+
+    shutil.rmtree(final, ignore_errors=True)
+    return str(atomic_dir(final, build))

@@ -1,0 +1,205 @@
+"""Typed schemas for every Hydra config group.
+
+Hydra validates the composed YAML against these dataclasses, so an unknown key or a value of
+the wrong type fails at composition time, naming the key — before Ray or any actor starts.
+Defaults here are the embedded local-CPU run; each group's YAML under conf/ documents its keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TinySpecConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 64
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # An HF folder or hub name. None: build the tiny char-level model from `tiny`.
+    path: Optional[str] = None
+    tiny: TinySpecConfig = field(default_factory=TinySpecConfig)
+    dtype: str = "float32"
+    # Text put before each prompt / between prompt and response (a chat template stand-in).
+    prompt_prefix: str = ""
+    response_prefix: str = ""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    params: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+    eval_size: int = 200
+
+
+@dataclass
+class ColdStartConfig:
+    """Supervised warm-start on the task's worked solutions, run when no checkpoint exists."""
+    enabled: bool = True
+    steps: int = 220
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    # Skip the stage when a checkpoint with the same model/task/cold-start config exists.
+    reuse: bool = True
+
+
+@dataclass
+class AlgorithmConfig:
+    # Advantage estimator: grpo (group mean baseline, optional std scaling) | rloo (leave-one-out).
+    advantage: str = "grpo"
+    std_normalize: bool = True        # False = Dr.GRPO
+    loss_agg: str = "token_mean"      # token_mean | seq_mean
+    n_samples: int = 8                # responses per prompt
+    prompts_per_step: int = 16
+    minibatch_size: int = 64          # responses per optimizer step (global, all ranks)
+    epochs: int = 1                   # passes over the step's rollouts
+    clip_low: float = 0.2
+    clip_high: float = 0.28           # clip-higher (DAPO); = clip_low gives symmetric PPO-clip
+    kl_coef: float = 0.0              # > 0 loads a frozen reference model
+    kl_estimator: str = "k3"          # k1 | k3
+    entropy_coef: float = 0.0
+    # Truncated importance sampling on sampler/learner mismatch; 0 disables it.
+    tis_cap: float = 0.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    # Extra components by name or "package.module:function", with weights; the task's own
+    # verifier always counts with weight 1. Weight 0 = computed and logged only.
+    components: Dict[str, float] = field(default_factory=lambda: {"format": 0.0})
+    num_workers: int = 1
+    timeout_s: float = 5.0
+
+
+@dataclass
+class CreditConfig:
+    name: str = "none"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_model_len: int = 256
+    enforce_eager: bool = True
+    # On CPU this is a share of the host RAM that vLLM reserves for its KV cache.
+    gpu_memory_utilization: float = 0.1
+    num_cpus_per_engine: float = 0.5
+    eval_temperature: float = 0.0     # 0 = greedy held-out evaluation
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 2
+    micro_batch_size: int = 64        # responses per rank per forward
+    gradient_checkpointing: bool = False
+    backend: Optional[str] = None     # gloo | nccl; None = gloo on CPU, nccl on GPU
+    num_cpus_per_rank: float = 0.5
+    torch_threads: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    address: Optional[str] = None     # None = start a local Ray instance
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"               # wandb | none
+    project: str = "attn-credit-rl"
+    mode: str = "auto"                # auto (online if logged in, else offline) | offline | online
+    sample_table_rows: int = 8
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "default"
+    seed: int = 0
+    steps: int = 60
+    eval_every: int = 20
+    save_every: int = 20
+    keep_last: int = 2
+    resume: bool = False
+    output_dir: str = "outputs/${name}/seed${seed}"
+    # Base models and cold-start checkpoints, shared by runs with the same config.
+    cache_dir: str = "outputs/cache"
+    # Stop (as if killed) after this step; for resume tests. None = run all steps.
+    stop_after: Optional[int] = None
+
+
+def register_configs() -> None:
+    """Make the schema the base of conf/config.yaml so Hydra type-checks every group."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+VALID_CHOICES = {
+    "algorithm.advantage": ("grpo", "rloo"),
+    "algorithm.loss_agg": ("token_mean", "seq_mean"),
+    "algorithm.kl_estimator": ("k1", "k3"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("auto", "offline", "online", "disabled"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def check_config(cfg) -> None:
+    """Cross-field checks Hydra's types cannot express; raises ValueError naming the key."""
+    from omegaconf import OmegaConf
+
+    for key, allowed in VALID_CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"config key {key}={value!r}: must be one of {allowed}")
+    a, lr = cfg.algorithm, cfg.learner
+    batch = a.prompts_per_step * a.n_samples
+    if batch % a.minibatch_size:
+        raise ValueError(
+            f"algorithm.minibatch_size={a.minibatch_size} must divide "
+            f"prompts_per_step*n_samples={batch}")
+    if a.minibatch_size % lr.num_ranks:
+        raise ValueError(
+            f"algorithm.minibatch_size={a.minibatch_size} must be a multiple of "
+            f"learner.num_ranks={lr.num_ranks}")
+    if a.prompts_per_step % cfg.rollout.num_engines and cfg.rollout.num_engines > a.prompts_per_step:
+        raise ValueError("rollout.num_engines must not exceed algorithm.prompts_per_step")
+    if a.n_samples < 2:
+        raise ValueError("algorithm.n_samples must be >= 2 for group baselines")
+    if cfg.credit.name != "none":
+        raise ValueError(f"credit.name={cfg.credit.name!r}: only 'none' exists so far")

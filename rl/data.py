@@ -1,0 +1,89 @@
+"""Tokenizing samples and collating rollouts into a RolloutBatch.
+
+The trainer tokenizes (not vLLM), so each prompt token's class — system, evidence, distractor —
+comes from the sample's character spans through the tokenizer's offsets, and stays aligned
+with the ids the engines and the learner see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rl.batch import TOKEN_CLASS, RolloutBatch
+from rl.tasks import Sample
+
+
+@dataclass
+class EncodedPrompt:
+    sample: Sample
+    ids: list[int]
+    classes: list[int]
+
+
+def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "") -> EncodedPrompt:
+    text = prefix + sample.prompt + suffix
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labelled = [(TOKEN_CLASS[name], spans) for name, spans in sample.segments.items()
+                if name in TOKEN_CLASS]
+    labelled.append((TOKEN_CLASS["distractor"], sample.distractors))
+    classes = []
+    for start, _ in enc["offset_mapping"]:
+        c, pos = TOKEN_CLASS["other"], start - len(prefix)
+        for cls, spans in labelled:
+            if any(s <= pos < e for s, e in spans):
+                c = cls
+        classes.append(c)
+    return EncodedPrompt(sample, list(enc["input_ids"]), classes)
+
+
+def pad_rows(rows: list[list], value, dtype) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def collate_rollouts(prompts: list[EncodedPrompt], completions: list[list], pad_id: int,
+                     first_group: int = 0) -> RolloutBatch:
+    """One row per (prompt, completion): prompt ⊕ response, right-padded.
+
+    `completions[i]` are the n completions (token_ids, logprobs) of `prompts[i]`.
+    """
+    ids, attn, resp, lps, classes, groups, meta = [], [], [], [], [], [], []
+    for g, (p, comps) in enumerate(zip(prompts, completions)):
+        for c in comps:
+            n_p, n_r = len(p.ids), len(c.token_ids)
+            ids.append(p.ids + list(c.token_ids))
+            attn.append([1] * (n_p + n_r))
+            resp.append([0] * n_p + [1] * n_r)
+            lps.append([0.0] * n_p + list(c.logprobs))
+            classes.append(p.classes + [TOKEN_CLASS["response"]] * n_r)
+            groups.append(first_group + g)
+            meta.append({"uid": p.sample.uid, "answer": p.sample.answer, "task": p.sample.task,
+                         "sample_meta": p.sample.meta, "finish_reason": c.finish_reason,
+                         "prompt_len": n_p})
+    b = len(ids)
+    return RolloutBatch(
+        input_ids=pad_rows(ids, pad_id, torch.long),
+        attention_mask=pad_rows(attn, 0, torch.bool),
+        response_mask=pad_rows(resp, 0, torch.bool),
+        sampler_logprobs=pad_rows(lps, 0.0, torch.float32),
+        token_classes=pad_rows(classes, 0, torch.int8),
+        group_ids=torch.tensor(groups, dtype=torch.long),
+        rewards=torch.zeros(b),
+        token_weights=pad_rows([[1.0] * len(r) for r in ids], 1.0, torch.float32),
+        meta=meta,
+    )
+
+
+def collate_sft(prompts: list[EncodedPrompt], responses: list[list[int]], pad_id: int):
+    """Prompt ⊕ worked solution ⊕ eos, with the loss on the solution tokens only."""
+    ids = [p.ids + r for p, r in zip(prompts, responses)]
+    resp = [[0] * len(p.ids) + [1] * len(r) for p, r in zip(prompts, responses)]
+    return {
+        "input_ids": pad_rows(ids, pad_id, torch.long),
+        "attention_mask": pad_rows([[1] * len(x) for x in ids], 0, torch.bool),
+        "response_mask": pad_rows(resp, 0, torch.bool),
+    }

@@ -1,0 +1,241 @@
+"""The DeepSpeed implementation of TrainEngine (ZeRO 0/2/3; gloo on CPU, NCCL on GPU).
+
+One instance per data-parallel rank. Losses are normalised by the *global* count of tokens (or
+sequences) in the minibatch, and the loss handed to DeepSpeed is pre-multiplied by
+world_size × grad_accum_steps, because DeepSpeed divides by both (mean all-reduce, gas scaling).
+The resulting gradient is that of Σ loss / global count: independent of how many ranks and
+micro-batches the minibatch was split into.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rl.algorithms.losses import PolicyLossConfig, policy_loss, sft_loss
+from rl.engine.base import TrainEngine
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tiny_model_spec.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt")
+
+
+@dataclass
+class DSEngineConfig:
+    model_path: str
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    micro_batch_size: int = 64
+    grad_accum_steps: int = 1
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    ref_model_path: str | None = None
+    backend: str | None = None
+    seed: int = 0
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+                   with_entropy: bool = True):
+    """logprob[:, t] of token t under the distribution predicted at t-1; column 0 is 0."""
+    logits = logits[:, :-1].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    lp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    lp = F.pad(lp, (1, 0))
+    if not with_entropy:
+        return lp, None
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return lp, F.pad(ent, (1, 0))
+
+
+class DeepSpeedEngine(TrainEngine):
+    def __init__(self, cfg: DSEngineConfig):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        on_gpu = torch.cuda.is_available()
+        backend = cfg.backend or ("nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        torch.manual_seed(cfg.seed)
+        dtype = getattr(torch, cfg.dtype)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum_steps,
+            "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * self.world_size,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999],
+                "eps": 1e-8, "torch_adam": True}},
+            "bf16": {"enabled": cfg.dtype == "bfloat16"},
+            "fp16": {"enabled": cfg.dtype == "float16"},
+            "steps_per_print": 10**9,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config)
+        self.device = self.engine.device
+        self.ref = None
+        if cfg.ref_model_path:
+            self.ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model_path, dtype=dtype)
+            self.ref.to(self.device).eval().requires_grad_(False)
+        self.skipped_steps = 0
+
+    # --- forwards -------------------------------------------------------------------------
+    def _to(self, batch):
+        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def _forward(self, model, b, temperature, with_entropy=True):
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
+                    use_cache=False)
+        return token_logprobs(out.logits, b["input_ids"], temperature, with_entropy)
+
+    @torch.no_grad()
+    def score(self, batch, temperature=1.0):
+        self.engine.eval()
+        b = self._to(batch)
+        lp, ent = self._forward(self.engine, b, temperature)
+        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu()}
+
+    @torch.no_grad()
+    def ref_score(self, batch, temperature=1.0):
+        if self.ref is None:
+            raise RuntimeError("no reference model was loaded (algorithm.kl_coef is 0)")
+        b = self._to(batch)
+        lp, _ = self._forward(self.ref, b, temperature, with_entropy=False)
+        return lp.float().cpu()
+
+    # --- training ---------------------------------------------------------------------------
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _null_backward(self, b):
+        """A zero-gradient backward through every parameter, so DeepSpeed's per-parameter
+        reduction hooks fire the same on every rank even when this micro-batch is dropped."""
+        out = self.engine(input_ids=b["input_ids"][:1, :1], use_cache=False)
+        self.engine.backward(out.logits.sum() * 0.0)
+
+    def train_minibatch(self, micro_batches, loss, loss_cfg, normaliser, temperature=1.0):
+        if len(micro_batches) != self.cfg.grad_accum_steps:
+            raise ValueError(f"expected {self.cfg.grad_accum_steps} micro-batches, "
+                             f"got {len(micro_batches)}")
+        self.engine.train()
+        scale = self.world_size * self.cfg.grad_accum_steps
+        metrics: dict[str, float] = {}
+        loss_sum, finite = 0.0, True
+        for mb in micro_batches:
+            b = self._to(mb)
+            if not finite:
+                self._null_backward(b)
+                continue
+            need_ent = loss == "policy" and (loss_cfg.entropy_coef > 0)
+            lp, ent = self._forward(self.engine, b, temperature, with_entropy=need_ent)
+            mask = b["response_mask"]
+            if loss == "sft":
+                value, m = sft_loss(lp, mask, normaliser), {}
+            else:
+                value, m = policy_loss(
+                    lp, b["old_logprobs"], b["advantages"], mask, loss_cfg, normaliser,
+                    sampler_logprobs=b.get("sampler_logprobs"),
+                    ref_logprobs=b.get("ref_logprobs"), entropy=ent)
+            if not self._all_finite(value):
+                finite = False
+                self._null_backward(b)
+                continue
+            self.engine.backward(value * scale)
+            loss_sum += value.item()
+            n = mask.sum().item()
+            for k, v in m.items():  # token-weighted, summed over micro-batches
+                metrics[k] = metrics.get(k, 0.0) + v * n
+            metrics["_tokens"] = metrics.get("_tokens", 0.0) + n
+        if not finite:
+            # Weights must not move: the step runs (DeepSpeed's state machine needs it)
+            # at lr 0 on the zero gradients of the dropped micro-batches.
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.set_lr(0.0)
+            self.engine.step()
+            for g, lr in zip(self.optimizer.param_groups, lrs):
+                g["lr"] = lr
+            self.skipped_steps += 1
+            return {"skipped": 1.0, "loss": float("nan")}
+        self.engine.step()
+        ntok = max(metrics.pop("_tokens", 1.0), 1.0)
+        out = {k: v / ntok for k, v in metrics.items()}
+        out["loss"] = loss_sum  # micro losses are already over the global normaliser
+        gn = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(gn) if gn is not None else float("nan")
+        out["skipped"] = 0.0
+        return out
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # --- weights and state --------------------------------------------------------------------
+    def _module(self):
+        return self.engine.module
+
+    def named_weights(self):
+        import deepspeed
+
+        for name, p in self._module().named_parameters():
+            if self.cfg.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    t = p.data.detach().clone().cpu() if self.rank == 0 else None
+            else:
+                t = p.data.detach().cpu() if self.rank == 0 else None
+            if t is not None:
+                yield name, t
+
+    def export_hf(self, path: str) -> None:
+        state = dict(self.named_weights())  # every rank gathers; rank 0 holds values
+        if self.rank != 0:
+            return
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self._module().save_pretrained(out, state_dict=state, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            src = Path(self.cfg.model_path) / name
+            if src.exists() and not (out / name).exists():
+                shutil.copy(src, out / name)
+
+    def save(self, path: str) -> None:
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+
+    def load(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(
+            path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+    def optimizer_state_digest(self) -> float:
+        """Σ|exp_avg| over this rank's optimizer state: lets tests see it was restored."""
+        total = 0.0
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        for st in opt.state.values():
+            if "exp_avg" in st:
+                total += st["exp_avg"].abs().sum().item()
+        return total
+
+
+def setup_dist_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """The environment torch.distributed reads; Ray actors are not started by a launcher."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": master_addr,
+                       "MASTER_PORT": str(master_port)})

@@ -1,0 +1,143 @@
+"""M Ray actors forming one data-parallel training group, driven as one object.
+
+The driver splits every batch by rows across ranks (each rank's forward is a collective under
+ZeRO-3, so every rank always gets a non-empty shard), gathers the results back in order, and
+pushes rank 0's gathered weights to the rollout engines through a weight transport.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import replace
+
+import numpy as np
+import ray
+import torch
+
+from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, setup_dist_env
+from rollout.weight_sync import get_transport
+
+
+class LearnerWorker:
+    """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 cfg: DSEngineConfig, torch_threads: int):
+        torch.set_num_threads(torch_threads)
+        setup_dist_env(rank, world_size, master_addr, master_port)
+        self.rank = rank
+        self.engine = DeepSpeedEngine(cfg)
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.engine, method)(*args, **kwargs)
+
+    def weights_payload(self, transport: str):
+        weights = list(self.engine.named_weights())  # all ranks gather (ZeRO-3)
+        return get_transport(transport).pack(weights) if self.rank == 0 else None
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ip, s.getsockname()[1]
+
+
+def shard_rows(n: int, parts: int) -> list[np.ndarray]:
+    if n < parts:
+        raise ValueError(f"cannot split {n} rows over {parts} ranks")
+    return np.array_split(np.arange(n), parts)
+
+
+class LearnerGroup:
+    def __init__(self, cfg: DSEngineConfig, num_ranks: int = 1, num_cpus_per_rank: float = 0.5,
+                 torch_threads: int = 2, transport: str = "safetensors"):
+        self.cfg, self.num_ranks, self.transport = cfg, num_ranks, transport
+        t0 = time.perf_counter()
+        remote = ray.remote(num_cpus=num_cpus_per_rank)(LearnerWorker)
+        addr_fn = ray.remote(num_cpus=0)(node_address)
+        # Rank 0's node is where the rendezvous lives. Locally this is the driver's node.
+        addr, port = ray.get(addr_fn.remote())
+        self.workers = [remote.remote(r, num_ranks, addr, port, cfg, torch_threads)
+                        for r in range(num_ranks)]
+        ray.get([w.call.remote("set_lr", cfg.lr) for w in self.workers])
+        self.start_s = time.perf_counter() - t0
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _all(self, method, *args, **kwargs):
+        return ray.get([w.call.remote(method, *args, **kwargs) for w in self.workers])
+
+    def _per_rank(self, method, shards, *args, **kwargs):
+        return ray.get([w.call.remote(method, s, *args, **kwargs)
+                        for w, s in zip(self.workers, shards)])
+
+    # --- the TrainEngine contract, over the group ---------------------------------------------
+    def score(self, tensors: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
+        idx = shard_rows(len(tensors["input_ids"]), self.num_ranks)
+        shards = [{k: v[i] for k, v in tensors.items()} for i in idx]
+        outs = self._per_rank("score", shards, temperature)
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def ref_score(self, tensors, temperature: float) -> torch.Tensor:
+        idx = shard_rows(len(tensors["input_ids"]), self.num_ranks)
+        shards = [{k: v[i] for k, v in tensors.items()} for i in idx]
+        return torch.cat(self._per_rank("ref_score", shards, temperature))
+
+    def train_minibatch(self, tensors: dict[str, torch.Tensor], loss: str, loss_cfg,
+                        loss_agg: str, temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step on these rows, split over ranks and micro-batches."""
+        mask = tensors["response_mask"]
+        normaliser = float(mask.sum()) if loss_agg == "token_mean" else float(len(mask))
+        normaliser = max(normaliser, 1.0)
+        gas = self.cfg.grad_accum_steps
+        rank_micro = []
+        for rows in shard_rows(len(mask), self.num_ranks):
+            micro = [{k: v[i] for k, v in tensors.items()} for i in np.array_split(rows, gas)]
+            rank_micro.append(micro)
+        outs = self._per_rank("train_minibatch", rank_micro, loss, loss_cfg, normaliser,
+                              temperature)
+        merged = {k: float(np.mean([o[k] for o in outs])) for k in outs[0] if k != "loss"}
+        merged["loss"] = float(sum(o["loss"] for o in outs))
+        return merged
+
+    def set_lr(self, lr: float) -> None:
+        self._all("set_lr", lr)
+
+    def sync_weights(self, engines, version: int) -> dict[str, float]:
+        """Gather weights on rank 0, hand one object-store copy to every engine."""
+        t0 = time.perf_counter()
+        payloads = ray.get([w.weights_payload.remote(self.transport) for w in self.workers])
+        ref = ray.put(payloads[0])
+        gathered = time.perf_counter() - t0
+        results = ray.get([e.update_weights.remote(ref, version) for e in engines])
+        return {"sync/gather_s": gathered, "sync/total_s": time.perf_counter() - t0,
+                "sync/bytes": float(get_transport(self.transport).payload_bytes(payloads[0])),
+                "sync/engine_load_s": max(r["load_s"] for r in results)}
+
+    def save(self, path: str) -> None:
+        self._all("save", path)
+
+    def load(self, path: str) -> None:
+        self._all("load", path)
+
+    def export_hf(self, path: str) -> None:
+        self._all("export_hf", path)
+
+    def optimizer_state_digest(self) -> float:
+        return float(sum(self._all("optimizer_state_digest")))
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+def grad_accum_steps(minibatch_size: int, num_ranks: int, micro_batch_size: int) -> int:
+    per_rank = minibatch_size // num_ranks
+    return max(1, -(-per_rank // micro_batch_size))
+
+
+def with_accum(cfg: DSEngineConfig, minibatch_size: int, num_ranks: int) -> DSEngineConfig:
+    return replace(cfg, grad_accum_steps=grad_accum_steps(minibatch_size, num_ranks,
+                                                          cfg.micro_batch_size))

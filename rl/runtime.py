@@ -1,0 +1,78 @@
+"""Starting the distributed pieces: Ray, the rollout engines, the learner group.
+
+Kept apart from the trainer so tests build exactly the pieces the trainer builds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+from rl.engine.deepspeed_engine import DSEngineConfig
+from rl.learner_group import LearnerGroup, with_accum
+from rollout.vllm_engine import EngineConfig, VLLMEngine
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+# Quiet, offline-friendly defaults for every process Ray starts.
+ACTOR_ENV = {
+    "PYTHONPATH": str(ROOT),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CONFIGURE_LOGGING": "0",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def init_ray(cluster) -> None:
+    """Connect to a cluster (cluster.address) or start a local instance."""
+    if ray.is_initialized():
+        return
+    env = {**ACTOR_ENV}
+    if cluster.address:
+        ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
+        return
+    # Logical CPUs only gate scheduling; actors take fractions, phases alternate in time.
+    num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, 4)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+
+
+def start_engines(cfg, model_path: str) -> list:
+    r = cfg.rollout
+    remote = ray.remote(num_cpus=r.num_cpus_per_engine)(VLLMEngine)
+    engines = [
+        remote.remote(EngineConfig(
+            model_path=model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+            seed=cfg.seed + i))
+        for i in range(r.num_engines)
+    ]
+    return engines
+
+
+def engine_config(cfg, model_path: str, lr: float, minibatch_size: int,
+                  ref_model_path: str | None = None) -> DSEngineConfig:
+    lc = cfg.learner
+    base = DSEngineConfig(
+        model_path=model_path, lr=lr, weight_decay=cfg.algorithm.weight_decay,
+        grad_clip=cfg.algorithm.grad_clip, zero_stage=lc.zero_stage,
+        micro_batch_size=lc.micro_batch_size, dtype=cfg.model.dtype,
+        gradient_checkpointing=lc.gradient_checkpointing, ref_model_path=ref_model_path,
+        backend=lc.backend, seed=cfg.seed)
+    return with_accum(base, minibatch_size, lc.num_ranks)
+
+
+def start_learner(cfg, model_path: str, lr: float, minibatch_size: int,
+                  ref_model_path: str | None = None) -> LearnerGroup:
+    lc = cfg.learner
+    return LearnerGroup(engine_config(cfg, model_path, lr, minibatch_size, ref_model_path),
+                        num_ranks=lc.num_ranks, num_cpus_per_rank=lc.num_cpus_per_rank,
+                        torch_threads=lc.torch_threads)
+
+
+def wait_ready(engines) -> list[dict]:
+    return ray.get([e.ready.remote() for e in engines])

@@ -1,0 +1,190 @@
+"""`jsonl` (and the `gsm8k` / `math` presets): a real dataset read from JSONL or parquet.
+
+The whole file is read and validated when the task is built, so a malformed row stops the
+run at start-up with the file and line that need fixing, not hours later in a data worker.
+Answers are normalised with the same extraction the `math` verifier applies to responses
+(`rewards.answers`), so gold and prediction are read by one set of rules.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from rewards.answers import FINAL_MARK, extract_answer, strip_thousands
+from rl.tasks.base import TEST, TRAIN, PromptBuilder, Sample, Task, check_split, is_heldout, stable_hash
+
+INSTRUCTION = "Solve the problem. End with a final line '#### <answer>'.\n"
+
+_CALC = re.compile(r"<<[^<>]*>>")         # GSM8K calculator annotations: 48/2 = <<48/2=24>>24
+_SPACES = re.compile(r"\s+")
+
+
+class DatasetError(ValueError):
+    """A dataset file or row that cannot be used; the message starts with `path:line:`."""
+
+
+@dataclass
+class Row:
+    line: int            # 1-based line (JSONL) or row number (parquet)
+    prompt: str
+    answer: str
+    solution: str
+
+
+def _records(path: Path) -> Iterator[Tuple[int, Any]]:
+    """(1-based line, parsed object) for every non-blank row of a JSONL or parquet file."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, rec
+        return
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{i}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _field(rec: dict, keys: Sequence[str], path: Path, line: int, types: tuple) -> Any:
+    for key in keys:
+        if key in rec:
+            value = rec[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                names = " or ".join(t.__name__ for t in types)
+                raise DatasetError(f"{path}:{line}: field '{key}' must be {names}, "
+                                   f"got {type(value).__name__}")
+            return value
+    wanted = " or ".join(f"'{k}'" for k in keys)
+    raise DatasetError(f"{path}:{line}: missing key {wanted} (row has {sorted(rec)})")
+
+
+def normalize_answer(raw: str) -> str:
+    """`... #### 1,000` -> `1000`; `... \\boxed{\\frac{1}{2}}.` -> `\\frac{1}{2}`; else trimmed."""
+    final = extract_answer(raw)
+    return strip_thousands(final if final is not None else raw.strip())
+
+
+def worked_solution(text: str, answer: str) -> str:
+    """A worked response in the house format: reasoning, then exactly one `#### answer` line."""
+    body = _CALC.sub("", text)
+    lines = [ln for ln in body.rstrip().splitlines() if not ln.lstrip().startswith(FINAL_MARK)]
+    return "\n".join(lines + [f"{FINAL_MARK} {answer}"]).strip()
+
+
+def load_rows(path: Path, prompt_keys: Sequence[str], answer_keys: Sequence[str],
+              solution_keys: Sequence[str]) -> List[Row]:
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    rows = []
+    for line, rec in _records(path):
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
+        prompt = _field(rec, prompt_keys, path, line, (str,))
+        raw_answer = str(_field(rec, answer_keys, path, line, (str, int, float)))
+        answer = normalize_answer(raw_answer)
+        if not prompt.strip() or not answer:
+            raise DatasetError(f"{path}:{line}: empty prompt or answer")
+        worked = next((rec[k] for k in solution_keys if isinstance(rec.get(k), str)), None)
+        if worked is None:   # a worked answer field (GSM8K) is a solution; a bare "42" is not
+            worked = raw_answer if extract_answer(raw_answer) is not None else ""
+        rows.append(Row(line, prompt.strip(), answer, worked_solution(worked, answer)))
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    return rows
+
+
+def _as_keys(key: Optional[str], defaults: Tuple[str, ...]) -> Tuple[str, ...]:
+    return (key,) if key else defaults
+
+
+@dataclass
+class JsonlTask(Task):
+    """Rows of `path` (train) and `test_path` (held-out); without `test_path`, a
+    `heldout_frac` share of the problems (by a hash of the prompt) is held out instead.
+    Prompts that appear in the held-out file are dropped from train (contamination guard).
+    Indices past the end wrap around, in a fresh seeded order per epoch for train.
+    """
+    path: str = ""
+    test_path: Optional[str] = None
+    prompt_key: Optional[str] = None       # None: "question", then "problem"
+    answer_key: Optional[str] = None       # None: "answer", then "solution"
+    solution_key: Optional[str] = None     # None: "solution", then the answer field
+    instruction: str = INSTRUCTION
+    verifier: str = "math"
+    heldout_frac: float = 0.1
+    seed: int = 0
+    name: str = "jsonl"
+    _splits: Dict[str, List[Row]] = field(default_factory=dict, init=False, repr=False)
+    _perm: Tuple[int, List[int]] = field(default=(-1, []), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise DatasetError(f"task {self.name!r}: pass path=<file.jsonl|file.parquet>")
+        keys = dict(prompt_keys=_as_keys(self.prompt_key, ("question", "problem")),
+                    answer_keys=_as_keys(self.answer_key, ("answer", "solution")),
+                    solution_keys=_as_keys(self.solution_key, ("solution",)))
+        train = load_rows(Path(self.path), **keys)
+        if self.test_path:
+            test = load_rows(Path(self.test_path), **keys)
+            seen = {_canon(r.prompt) for r in test}
+            train = [r for r in train if _canon(r.prompt) not in seen]
+        else:
+            if not 0.0 <= self.heldout_frac < 1.0:
+                raise DatasetError(f"task {self.name!r}: heldout_frac must be in [0, 1)")
+            flags = [is_heldout(self.name, _canon(r.prompt), self.heldout_frac) for r in train]
+            test = [r for r, held in zip(train, flags) if held]
+            train = [r for r, held in zip(train, flags) if not held]
+        self._splits = {TRAIN: train, TEST: test}
+
+    def num_samples(self, split: str) -> Optional[int]:
+        return len(self._splits[check_split(split)])
+
+    def _row_index(self, split: str, index: int) -> int:
+        n = len(self._splits[split])
+        if n == 0:
+            raise IndexError(f"task {self.name!r} has no {split} rows")
+        if index < 0:
+            raise IndexError(f"negative index {index}")
+        epoch, pos = divmod(index, n)
+        if split == TEST:
+            return pos
+        if self._perm[0] != epoch:
+            order = list(range(n))
+            random.Random(stable_hash(self.name, self.seed, epoch)).shuffle(order)
+            self._perm = (epoch, order)
+        return self._perm[1][pos]
+
+    def sample(self, split: str, index: int) -> Sample:
+        check_split(split)
+        i = self._row_index(split, index)
+        row = self._splits[split][i]
+        b = PromptBuilder().add(self.instruction, "system").add(row.prompt, "evidence").add("\n")
+        source = self.test_path if split == TEST and self.test_path else self.path
+        return Sample(uid=f"{self.name}-{split}-{i}", task=self.verifier, prompt=b.text,
+                      answer=row.answer, solution=row.solution, segments=b.segments,
+                      distractors=[], meta={"source": source, "line": row.line})
+
+
+def _canon(prompt: str) -> str:
+    return _SPACES.sub(" ", prompt).strip().lower()
+
+
+def gsm8k_preset(**params: Any) -> JsonlTask:
+    """GSM8K rows: `question`, and `answer` = worked text ending in `#### <number>`."""
+    params = {"prompt_key": "question", "answer_key": "answer", "solution_key": "answer", **params}
+    return JsonlTask(**{"name": "gsm8k", **params})
+
+
+def math_preset(**params: Any) -> JsonlTask:
+    """MATH rows: `problem`, `solution` with a `\\boxed{}` answer (and optionally `answer`)."""
+    return JsonlTask(**{"name": "math", "prompt_key": "problem", **params})

@@ -1,0 +1,282 @@
+"""The RL loop, one readable step at a time.
+
+    prompts → rollouts (vLLM engines) → rewards (worker pool) → scoring forward (old logprobs,
+    entropy, attention statistics) → credit γ_t → advantages → minibatch updates (DeepSpeed)
+    → weight sync → held-out eval → checkpoint
+
+Every step is reproducible from (seed, step): prompts come from the task by position, sampling
+seeds are derived per prompt, so `resume=true` after step k replays step k+1 exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from rewards import RewardItem, RewardPool, summarize
+from rl.algorithms.advantages import compute_advantages
+from rl.algorithms.losses import PolicyLossConfig
+from rl.batch import RolloutBatch
+from rl.checkpoint import CheckpointManager
+from rl.cold_start import load_tokenizer, run_cold_start
+from rl.config import check_config
+from rl.credit import apply_credit
+from rl.data import collate_rollouts, encode_prompt
+from rl.runtime import init_ray, start_engines, start_learner, wait_ready
+from rl.tasks import get_task
+from rl.tasks.base import stable_hash
+from rl.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages",
+              "sampler_logprobs", "ref_logprobs")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(x.dtype)
+    return float((x * m).sum() / m.sum().clamp(min=1))
+
+
+class Trainer:
+    def __init__(self, cfg):
+        check_config(cfg)
+        self.cfg = cfg
+        self.alg = cfg.algorithm
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Built before any actor: a bad task parameter fails here, cheaply.
+        self.task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
+        self.loss_cfg = PolicyLossConfig(
+            clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
+            kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
+            tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg)
+        init_ray(cfg.cluster)
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.policy_init = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
+        self.timings["cold_start_s"] = time.perf_counter() - t0
+        self.tok = load_tokenizer(self.policy_init)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
+        resume_from = self.ckpts.latest() if cfg.resume else None
+
+        t0 = time.perf_counter()
+        self.engines = start_engines(cfg, self.policy_init)
+        ref = self.policy_init if self.alg.kl_coef > 0 else None
+        self.learner = start_learner(cfg, self.policy_init, lr=self.alg.lr,
+                                     minibatch_size=self.alg.minibatch_size, ref_model_path=ref)
+        wait_ready(self.engines)
+        self.timings["actors_start_s"] = time.perf_counter() - t0
+
+        self.step = 0
+        self.state: dict = {}
+        if resume_from is not None:
+            self.learner.load(str(resume_from / "ds"))
+            self.state = CheckpointManager.load_state(resume_from)
+            self.step = self.state["step"]
+            self.learner.sync_weights(self.engines, self.step)
+            log.info("resumed from %s (step %d)", resume_from, self.step)
+        self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
+        self.tracker = Tracker(cfg, self.out, OmegaConf.to_container(cfg, resolve=True),
+                               resume_step=self.step if resume_from is not None else None)
+
+    # --- data -------------------------------------------------------------------------------
+    def train_samples(self, step: int):
+        """The prompts of `step`, by data position (finite datasets wrap and reshuffle per
+        epoch inside the task), so a resumed run continues at the same place."""
+        n = self.alg.prompts_per_step
+        return [self.task.sample("train", i) for i in range(step * n, (step + 1) * n)]
+
+    def encode(self, samples):
+        m = self.cfg.model
+        return [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
+
+    def generate(self, prompts, n: int, temperature: float, seeds=None):
+        """Split prompts over the engines; results come back in prompt order."""
+        r = self.cfg.rollout
+        parts = np.array_split(np.arange(len(prompts)), len(self.engines))
+        futures = [
+            e.generate.remote([prompts[i].ids for i in idx], n, temperature, r.top_p,
+                              r.max_new_tokens, None if seeds is None else [seeds[i] for i in idx])
+            for e, idx in zip(self.engines, parts) if len(idx)
+        ]
+        return [c for part in ray.get(futures) for c in part]
+
+    def decode_responses(self, batch: RolloutBatch) -> list[str]:
+        rows = [ids[m].tolist() for ids, m in zip(batch.input_ids, batch.response_mask)]
+        return self.tok.batch_decode(rows, skip_special_tokens=True)
+
+    # --- one step ---------------------------------------------------------------------------
+    def rollout(self, step: int) -> RolloutBatch:
+        prompts = self.encode(self.train_samples(step))
+        seeds = [stable_hash("sample", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
+        completions = self.generate(prompts, self.alg.n_samples, self.cfg.rollout.temperature, seeds)
+        return collate_rollouts(prompts, completions, self.tok.pad_token_id)
+
+    def reward(self, batch: RolloutBatch, texts: list[str]) -> dict:
+        items = [RewardItem(response=t, answer=m["answer"], meta=m["sample_meta"],
+                            verifier=m["task"], components=dict(self.cfg.reward.components))
+                 for t, m in zip(texts, batch.meta)]
+        results = self.pool.score(items)
+        batch.rewards = torch.tensor([r.total for r in results], dtype=torch.float32)
+        for m, r in zip(batch.meta, results):
+            m["correct"] = r.components.get(m["task"], 0.0)
+            if r.error_messages:
+                log.warning("reward: %s", "; ".join(r.error_messages[:3]))
+        return summarize(results)
+
+    def score(self, batch: RolloutBatch) -> None:
+        t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        out = self.learner.score(t, self.cfg.rollout.temperature)
+        mask = batch.response_mask
+        batch.old_logprobs = out["logprobs"] * mask
+        batch.entropy = out["entropy"] * mask
+        if self.alg.kl_coef > 0:
+            batch.ref_logprobs = self.learner.ref_score(t, self.cfg.rollout.temperature) * mask
+
+    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        adv = compute_advantages(self.alg.advantage, batch.rewards, batch.group_ids,
+                                 self.alg.std_normalize)
+        batch.advantages = adv[:, None] * batch.token_weights * batch.response_mask
+        return adv
+
+    def update(self, batch: RolloutBatch, step: int) -> dict:
+        """`epochs` passes of minibatch updates; metrics averaged over minibatches."""
+        gen = torch.Generator().manual_seed(stable_hash("minibatch", self.cfg.seed, step) % 2**63)
+        rows, mb = len(batch), self.alg.minibatch_size
+        collected: dict[str, list[float]] = {}
+        for _ in range(self.alg.epochs):
+            perm = torch.randperm(rows, generator=gen)
+            for start in range(0, rows, mb):
+                sub = batch.select(perm[start:start + mb]).trimmed()
+                tensors = {k: v for k, v in sub.tensor_fields().items() if k in TRAIN_KEYS}
+                m = self.learner.train_minibatch(tensors, "policy", self.loss_cfg,
+                                                 self.alg.loss_agg, self.cfg.rollout.temperature)
+                if m.get("skipped"):
+                    log.warning("step %d: non-finite loss, optimizer step skipped", step + 1)
+                for k, v in m.items():
+                    collected.setdefault(k, []).append(v)
+        return {f"train/{k}": float(np.nanmean(v)) if k != "skipped" else float(np.sum(v))
+                for k, v in collected.items()}
+
+    def train_step(self, step: int) -> dict:
+        times: dict[str, float] = {}
+
+        def timed(name, fn, *a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            times[f"time/{name}_s"] = time.perf_counter() - t0
+            return out
+
+        t_step = time.perf_counter()
+        batch = timed("rollout", self.rollout, step)
+        texts = self.decode_responses(batch)
+        reward_metrics = timed("reward", self.reward, batch, texts)
+        timed("score", self.score, batch)
+        credit_metrics = timed("credit", apply_credit, self.cfg.credit.name, batch,
+                               dict(self.cfg.credit.params))
+        adv = self.advantages(batch)
+        train_metrics = timed("update", self.update, batch, step)
+        sync = timed("sync", self.learner.sync_weights, self.engines, step + 1)
+        times["time/step_s"] = time.perf_counter() - t_step
+
+        mask = batch.response_mask
+        n_tokens = float(mask.sum())
+        gap = (batch.sampler_logprobs - batch.old_logprobs).abs()
+        metrics = {
+            **reward_metrics, **train_metrics, **times, **sync,
+            **{f"credit/{k}": v for k, v in credit_metrics.items()},
+            "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
+            "rollout/response_len": float(batch.response_lengths().float().mean()),
+            "rollout/truncated": float(np.mean([m["finish_reason"] == "length" for m in batch.meta])),
+            "rollout/entropy": masked_mean(batch.entropy, mask),
+            "rollout/logprob_gap": masked_mean(gap, mask),
+            "rollout/logprob_gap_max": float((gap * mask).max()),
+            "rollout/advantage_abs": float(adv.abs().mean()),
+            "rollout/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
+            "perf/tokens_per_s": n_tokens / times["time/step_s"],
+        }
+        if batch.ref_logprobs is not None:
+            metrics["rollout/kl_ref"] = masked_mean(batch.old_logprobs - batch.ref_logprobs, mask)
+        rows = [[step + 1, self.tok.decode(batch.input_ids[i][: m["prompt_len"]]), texts[i],
+                 float(batch.rewards[i]), m["answer"]]
+                for i, m in enumerate(batch.meta[: self.cfg.logger.sample_table_rows])]
+        self.tracker.table("samples", ["step", "prompt", "response", "reward", "answer"], rows,
+                           step + 1)
+        return metrics
+
+    # --- eval and checkpoints -----------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Held-out accuracy: one greedy (by default) response per held-out problem."""
+        samples = self.task.dataset("test", self.cfg.task.eval_size)
+        prompts = self.encode(samples)
+        comps = self.generate(prompts, 1, self.cfg.rollout.eval_temperature,
+                              seeds=list(range(len(prompts))))
+        texts = self.tok.batch_decode([c[0].token_ids for c in comps], skip_special_tokens=True)
+        items = [RewardItem(response=t, answer=s.answer, meta=s.meta, verifier=s.task)
+                 for t, s in zip(texts, samples)]
+        results = self.pool.score(items)
+        return float(np.mean([r.components.get(s.task, 0.0) for r, s in zip(results, samples)]))
+
+    def save(self, step: int) -> Path:
+        def write(tmp: Path) -> None:
+            self.learner.save(str(tmp / "ds"))
+            self.learner.export_hf(str(tmp / "hf"))
+
+        self.state.update({"step": step, "seed": self.cfg.seed,
+                           "data_position": step * self.alg.prompts_per_step})
+        return self.ckpts.save(step, self.state, write)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        if "cold_start_accuracy" not in self.state:
+            t0 = time.perf_counter()
+            self.state["cold_start_accuracy"] = self.evaluate()
+            self.tracker.log({"eval/accuracy": self.state["cold_start_accuracy"],
+                              "time/eval_s": time.perf_counter() - t0}, step=0)
+            log.info("held-out accuracy of the cold-start model: %.3f",
+                     self.state["cold_start_accuracy"])
+        bar = tqdm(range(self.step, cfg.steps), desc="RL", initial=self.step, total=cfg.steps,
+                   disable=not cfg.logger.progress, dynamic_ncols=True)
+        accuracy = self.state.get("last_eval_accuracy", self.state["cold_start_accuracy"])
+        t_loop = time.perf_counter()
+        for step in bar:
+            metrics = self.train_step(step)
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                t0 = time.perf_counter()
+                accuracy = self.evaluate()
+                self.state["last_eval_accuracy"] = accuracy
+                metrics.update({"eval/accuracy": accuracy, "time/eval_s": time.perf_counter() - t0})
+            self.tracker.log(metrics, step=done)
+            bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
+                            acc=f"{metrics['rollout/accuracy']:.2f}", eval=f"{accuracy:.2f}")
+            stopping = cfg.stop_after is not None and done >= cfg.stop_after
+            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                self.save(done)
+            self.step = done
+            if stopping:
+                log.info("stop_after=%d reached; stopping as if interrupted", done)
+                break
+        summary = {"cold_start_accuracy": self.state["cold_start_accuracy"],
+                   "final_accuracy": accuracy, "steps": self.step,
+                   "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.tracker.summary(summary)
+        return summary
+
+    def close(self) -> None:
+        self.tracker.finish()
+        self.pool.close()
+        self.learner.shutdown()
+        for e in self.engines:
+            ray.kill(e)
+        self.engines = []

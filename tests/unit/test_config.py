@@ -1,0 +1,77 @@
+"""Bad config fails at composition — naming the key — before Ray or any actor starts."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from rl.config import check_config, register_configs
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+register_configs()
+
+
+def load(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_default_composes_and_passes_checks():
+    cfg = load([])
+    check_config(cfg)
+    assert cfg.task.name == "arith" and cfg.credit.name == "none"
+    assert cfg.learner.num_ranks == 1 and cfg.rollout.num_engines == 1
+
+
+@pytest.mark.parametrize("group", ["algorithm", "rollout", "learner", "task", "model", "logger"])
+def test_every_group_file_is_valid(group):
+    for f in sorted((Path(CONF) / group).glob("*.yaml")):
+        cfg = load([f"{group}={f.stem}"])
+        assert cfg[group] is not None
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as exc:
+        load(["algorithm.clip_hihg=0.3"])
+    assert "clip_hihg" in str(exc.value) + str(exc.value.__cause__)
+
+
+def test_unknown_key_in_a_group_file_names_the_key(tmp_path):
+    conf = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF, conf)
+    (conf / "algorithm" / "typo.yaml").write_text("lerning_rate: 0.1\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(Exception) as exc:
+            compose(config_name="config", overrides=["algorithm=typo"])
+    assert "lerning_rate" in str(exc.value) + str(exc.value.__cause__)
+
+
+def test_mistyped_value_names_the_key():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as exc:
+        load(["algorithm.n_samples=eight"])
+    assert "n_samples" in str(exc.value) + str(exc.value.__cause__)
+
+
+def test_cross_field_checks_name_the_key():
+    cfg = load(["algorithm.advantage=ppo2"])
+    with pytest.raises(ValueError, match="algorithm.advantage"):
+        check_config(cfg)
+    cfg = load(["algorithm.minibatch_size=48"])
+    with pytest.raises(ValueError, match="minibatch_size"):
+        check_config(cfg)
+
+
+def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch):
+    import rl.trainer as trainer
+
+    def must_not_start(*_):
+        raise AssertionError("Ray was started before the config was validated")
+
+    monkeypatch.setattr(trainer, "init_ray", must_not_start)
+    with pytest.raises(ValueError, match="loss_agg"):
+        trainer.Trainer(load(["algorithm.loss_agg=median"]))
+    with pytest.raises(TypeError, match="digitz"):
+        trainer.Trainer(load(["+task.params.digitz=3"]))
