@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rl.data import collate_sft, encode_prompt
+from rl.data import collate_sft, encode_prompt, train_samples_at
 from rl.tasks import get_task
 from rl.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -74,7 +74,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True) -> str:
     cs = cfg.cold_start
     if not cs.enabled:
         return base
-    key = config_hash(cfg.model, cfg.task, cs, cfg.learner.zero_stage)
+    key = config_hash(cfg.model, cfg.task, cs)
     final = cache / f"cold_start-{key}"
     if final.exists() and cs.reuse:
         log.info("cold start: reusing %s", final)
@@ -90,7 +90,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True) -> str:
         bar = tqdm(range(cs.steps), desc="cold start (SFT)", disable=not progress,
                    dynamic_ncols=True)
         for step in bar:
-            samples = task.dataset("train", cs.batch_size, start=step * cs.batch_size)
+            samples = train_samples_at(task, step * cs.batch_size, cs.batch_size)
             prompts = [encode_prompt(tok, s, cfg.model.prompt_prefix, cfg.model.response_prefix)
                        for s in samples]
             responses = [tok(s.solution, add_special_tokens=False)["input_ids"]

@@ -75,6 +75,7 @@ class AlgorithmConfig:
     # Truncated importance sampling on sampler/learner mismatch; 0 disables it.
     tis_cap: float = 0.0
     lr: float = 2e-4
+    lr_warmup_steps: int = 10         # linear warm-up of the RL learning rate (fresh Adam)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 

@@ -14,6 +14,13 @@ from rl.batch import TOKEN_CLASS, RolloutBatch
 from rl.tasks import Sample
 
 
+def train_samples_at(task, start: int, n: int) -> list[Sample]:
+    """Train samples at data positions start..start+n-1. Positions never run out: finite
+    datasets wrap around in a fresh order per epoch (inside the task), so a run's data order
+    is a pure function of the position, which is what makes resume exact."""
+    return [task.sample("train", i) for i in range(start, start + n)]
+
+
 @dataclass
 class EncodedPrompt:
     sample: Sample

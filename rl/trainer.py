@@ -28,7 +28,7 @@ from rl.checkpoint import CheckpointManager
 from rl.cold_start import load_tokenizer, run_cold_start
 from rl.config import check_config
 from rl.credit import apply_credit
-from rl.data import collate_rollouts, encode_prompt
+from rl.data import collate_rollouts, encode_prompt, train_samples_at
 from rl.runtime import init_ray, start_engines, start_learner, wait_ready
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
@@ -88,12 +88,6 @@ class Trainer:
                                resume_step=self.step if resume_from is not None else None)
 
     # --- data -------------------------------------------------------------------------------
-    def train_samples(self, step: int):
-        """The prompts of `step`, by data position (finite datasets wrap and reshuffle per
-        epoch inside the task), so a resumed run continues at the same place."""
-        n = self.alg.prompts_per_step
-        return [self.task.sample("train", i) for i in range(step * n, (step + 1) * n)]
-
     def encode(self, samples):
         m = self.cfg.model
         return [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
@@ -115,7 +109,8 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
     def rollout(self, step: int) -> RolloutBatch:
-        prompts = self.encode(self.train_samples(step))
+        n = self.alg.prompts_per_step
+        prompts = self.encode(train_samples_at(self.task, step * n, n))
         seeds = [stable_hash("sample", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
         completions = self.generate(prompts, self.alg.n_samples, self.cfg.rollout.temperature, seeds)
         return collate_rollouts(prompts, completions, self.tok.pad_token_id)
@@ -176,6 +171,8 @@ class Trainer:
             return out
 
         t_step = time.perf_counter()
+        lr = self.alg.lr * min(1.0, (step + 1) / max(1, self.alg.lr_warmup_steps))
+        self.learner.set_lr(lr)
         batch = timed("rollout", self.rollout, step)
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
@@ -202,6 +199,7 @@ class Trainer:
             "rollout/advantage_abs": float(adv.abs().mean()),
             "rollout/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
             "perf/tokens_per_s": n_tokens / times["time/step_s"],
+            "train/lr": lr,
         }
         if batch.ref_logprobs is not None:
             metrics["rollout/kl_ref"] = masked_mean(batch.old_logprobs - batch.ref_logprobs, mask)

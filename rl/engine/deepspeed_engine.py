@@ -139,42 +139,33 @@ class DeepSpeedEngine(TrainEngine):
         scale = self.world_size * self.cfg.grad_accum_steps
         metrics: dict[str, float] = {}
         loss_sum, finite = 0.0, True
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             b = self._to(mb)
+            if finite:
+                value, m = self._micro_loss(b, loss, loss_cfg, normaliser, temperature)
+                finite = self._all_finite(value)
             if not finite:
                 self._null_backward(b)
-                continue
-            need_ent = loss == "policy" and (loss_cfg.entropy_coef > 0)
-            lp, ent = self._forward(self.engine, b, temperature, with_entropy=need_ent)
-            mask = b["response_mask"]
-            if loss == "sft":
-                value, m = sft_loss(lp, mask, normaliser), {}
             else:
-                value, m = policy_loss(
-                    lp, b["old_logprobs"], b["advantages"], mask, loss_cfg, normaliser,
-                    sampler_logprobs=b.get("sampler_logprobs"),
-                    ref_logprobs=b.get("ref_logprobs"), entropy=ent)
-            if not self._all_finite(value):
-                finite = False
-                self._null_backward(b)
-                continue
-            self.engine.backward(value * scale)
-            loss_sum += value.item()
-            n = mask.sum().item()
-            for k, v in m.items():  # token-weighted, summed over micro-batches
-                metrics[k] = metrics.get(k, 0.0) + v * n
-            metrics["_tokens"] = metrics.get("_tokens", 0.0) + n
+                self.engine.backward(value * scale)
+                loss_sum += value.item()
+                n = b["response_mask"].sum().item()
+                for k, v in m.items():  # token-weighted, summed over micro-batches
+                    metrics[k] = metrics.get(k, 0.0) + v * n
+                metrics["_tokens"] = metrics.get("_tokens", 0.0) + n
+            if i == len(micro_batches) - 1 and not finite:
+                # Weights must not move: DeepSpeed's step runs (its state machine needs it)
+                # at lr 0, on the zero gradients left by the dropped micro-batches.
+                lrs = [g["lr"] for g in self.optimizer.param_groups]
+                self.set_lr(0.0)
+                self.engine.step()
+                for g, lr in zip(self.optimizer.param_groups, lrs):
+                    g["lr"] = lr
+            else:
+                self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
         if not finite:
-            # Weights must not move: the step runs (DeepSpeed's state machine needs it)
-            # at lr 0 on the zero gradients of the dropped micro-batches.
-            lrs = [g["lr"] for g in self.optimizer.param_groups]
-            self.set_lr(0.0)
-            self.engine.step()
-            for g, lr in zip(self.optimizer.param_groups, lrs):
-                g["lr"] = lr
             self.skipped_steps += 1
             return {"skipped": 1.0, "loss": float("nan")}
-        self.engine.step()
         ntok = max(metrics.pop("_tokens", 1.0), 1.0)
         out = {k: v / ntok for k, v in metrics.items()}
         out["loss"] = loss_sum  # micro losses are already over the global normaliser
@@ -182,6 +173,16 @@ class DeepSpeedEngine(TrainEngine):
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
         out["skipped"] = 0.0
         return out
+
+    def _micro_loss(self, b, loss, loss_cfg, normaliser, temperature):
+        need_ent = loss == "policy" and loss_cfg.entropy_coef > 0
+        lp, ent = self._forward(self.engine, b, temperature, with_entropy=need_ent)
+        mask = b["response_mask"]
+        if loss == "sft":
+            return sft_loss(lp, mask, normaliser), {}
+        return policy_loss(lp, b["old_logprobs"], b["advantages"], mask, loss_cfg, normaliser,
+                           sampler_logprobs=b.get("sampler_logprobs"),
+                           ref_logprobs=b.get("ref_logprobs"), entropy=ent)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:

@@ -58,4 +58,11 @@ def test_nan_loss_skips_the_step_and_weights_stay(learner):
     batch["advantages"] = torch.ones_like(before)
     m = learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
     assert m["skipped"] == 0.0 and math.isfinite(m["loss"])
-    assert not torch.equal(after, learner.score(score_in, 1.0)["logprobs"])
+    moved = learner.score(score_in, 1.0)["logprobs"]
+    resp = b["response_mask"]
+    # A positive advantage on every response token raises their log-likelihood.
+    assert moved[resp].sum() > after[resp].sum()
+    batch["advantages"] = -torch.ones_like(before)
+    batch["old_logprobs"] = batch["sampler_logprobs"] = moved
+    learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
+    assert learner.score(score_in, 1.0)["logprobs"][resp].sum() < moved[resp].sum()

@@ -32,3 +32,13 @@ def hang_if_marked(response: str, answer: str, meta: dict) -> float:
     if meta.get("hang"):
         return hang(response, answer, meta)
     return 1.0
+
+
+def hang_once(response: str, answer: str, meta: dict) -> float:
+    """Hangs on the first call of a whole test session (marker file from the environment),
+    then behaves: one timeout, deterministic values elsewhere."""
+    marker = os.environ.get("BAD_REWARD_MARKER")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        return hang(response, answer, meta)
+    return 0.5
