@@ -116,6 +116,9 @@ class LearnerConfig:
     micro_batch_size: int = 64        # responses per rank per forward
     gradient_checkpointing: bool = False
     backend: Optional[str] = None     # gloo | nccl; None = gloo on CPU, nccl on GPU
+    attention: str = "sdpa"           # sdpa | kernels (fused attention that emits statistics)
+    attn_impl: str = "auto"           # auto (triton on GPU, blockwise on CPU) | blockwise | triton
+    stats_layers: str = "middle:5"    # layers whose statistics are captured: all | middle:n
     num_cpus_per_rank: float = 0.5
     torch_threads: int = 1
 
@@ -177,6 +180,8 @@ VALID_CHOICES = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "offline", "online", "disabled"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "learner.attention": ("sdpa", "kernels"),
+    "learner.attn_impl": ("auto", "blockwise", "triton", "reference"),
 }
 
 

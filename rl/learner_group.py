@@ -73,16 +73,30 @@ class LearnerGroup:
                         for w, s in zip(self.workers, shards)])
 
     # --- the TrainEngine contract, over the group ---------------------------------------------
-    def score(self, tensors: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
-        idx = shard_rows(len(tensors["input_ids"]), self.num_ranks)
-        shards = [{k: v[i] for k, v in tensors.items()} for i in idx]
-        outs = self._per_rank("score", shards, temperature)
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    def _inference_shards(self, tensors):
+        """Row shards for a no-grad forward. Every rank must run (ZeRO-3 forwards are
+        collective), so with fewer rows than ranks the last row is repeated, then dropped."""
+        n = len(tensors["input_ids"])
+        rows = np.arange(max(n, self.num_ranks)).clip(max=n - 1)
+        return n, [{k: v[rows[i]] for k, v in tensors.items()}
+                   for i in np.array_split(np.arange(len(rows)), self.num_ranks)]
+
+    def score(self, tensors: dict[str, torch.Tensor], temperature: float,
+              stats: dict | None = None) -> dict:
+        """Per-token logprobs/entropy [B, T] (and attention statistics per layer) in row order."""
+        n, shards = self._inference_shards(tensors)
+        outs = self._per_rank("score", shards, temperature, stats)
+        merged = {k: torch.cat([o[k] for o in outs])[:n] for k in ("logprobs", "entropy")}
+        if stats:
+            merged["attn_stats"] = {
+                layer: {name: torch.cat([o["attn_stats"][layer][name] for o in outs])[:n]
+                        for name in outs[0]["attn_stats"][layer]}
+                for layer in outs[0]["attn_stats"]}
+        return merged
 
     def ref_score(self, tensors, temperature: float) -> torch.Tensor:
-        idx = shard_rows(len(tensors["input_ids"]), self.num_ranks)
-        shards = [{k: v[i] for k, v in tensors.items()} for i in idx]
-        return torch.cat(self._per_rank("ref_score", shards, temperature))
+        n, shards = self._inference_shards(tensors)
+        return torch.cat(self._per_rank("ref_score", shards, temperature))[:n]
 
     def train_minibatch(self, tensors: dict[str, torch.Tensor], loss: str, loss_cfg,
                         loss_agg: str, temperature: float = 1.0) -> dict[str, float]:

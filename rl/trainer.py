@@ -27,7 +27,7 @@ from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager
 from rl.cold_start import load_tokenizer, run_cold_start
 from rl.config import check_config
-from rl.credit import apply_credit
+from rl.credit import apply_credit, stats_request
 from rl.data import collate_rollouts, encode_prompt, train_samples_at
 from rl.runtime import init_ray, start_engines, start_learner, wait_ready
 from rl.tasks import get_task
@@ -58,6 +58,7 @@ class Trainer:
             clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
             tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg)
+        self.stats_request = stats_request(cfg.credit.name, dict(cfg.credit.params))
         init_ray(cfg.cluster)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -128,8 +129,12 @@ class Trainer:
         return summarize(results)
 
     def score(self, batch: RolloutBatch) -> None:
-        t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        out = self.learner.score(t, self.cfg.rollout.temperature)
+        """Old logprobs and entropy — and, when the credit method reads them, the attention
+        statistics — from one no-grad forward of the current policy."""
+        t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+             "response_mask": batch.response_mask}
+        out = self.learner.score(t, self.cfg.rollout.temperature, self.stats_request)
+        batch.attn_stats = out.get("attn_stats")
         mask = batch.response_mask
         batch.old_logprobs = out["logprobs"] * mask
         batch.entropy = out["entropy"] * mask

@@ -12,13 +12,23 @@ from rl.batch import RolloutBatch
 
 CreditFn = Callable[[RolloutBatch, dict], dict]
 METHODS: dict[str, CreditFn] = {}
+# What each method needs from the scoring forward: StatsSpec keyword arguments, or None.
+STATS: dict[str, Callable[[dict], dict | None]] = {}
 
 
-def register(name: str):
+def register(name: str, stats: Callable[[dict], dict | None] = lambda params: None):
     def wrap(fn: CreditFn) -> CreditFn:
         METHODS[name] = fn
+        STATS[name] = stats
         return fn
     return wrap
+
+
+def stats_request(name: str, params: dict) -> dict | None:
+    """The attention statistics method `name` reads (None: the scoring forward needs none)."""
+    if name not in STATS:
+        raise ValueError(f"unknown credit method {name!r}; known: {sorted(METHODS)}")
+    return STATS[name](params)
 
 
 @register("none")

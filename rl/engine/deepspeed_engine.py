@@ -41,6 +41,12 @@ class DSEngineConfig:
     ref_model_path: str | None = None
     backend: str | None = None
     seed: int = 0
+    # "sdpa": the model's stock attention. "kernels": our fused attention (kernels/), which can
+    # also return per-head statistics from the scoring forward; attn_impl picks the kernel
+    # (auto = Triton on GPU, blockwise PyTorch on CPU).
+    attention: str = "sdpa"
+    attn_impl: str = "auto"
+    stats_layers: str = "middle:5"
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
@@ -72,6 +78,12 @@ class DeepSpeedEngine(TrainEngine):
         model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.attention == "kernels":
+            from kernels import install
+
+            install(model, impl=cfg.attn_impl)
+        elif cfg.attention != "sdpa":
+            raise ValueError(f"attention must be 'sdpa' or 'kernels', got {cfg.attention!r}")
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum_steps,
@@ -105,11 +117,27 @@ class DeepSpeedEngine(TrainEngine):
         return token_logprobs(out.logits, b["input_ids"], temperature, with_entropy)
 
     @torch.no_grad()
-    def score(self, batch, temperature=1.0):
+    def score(self, batch, temperature=1.0, stats: dict | None = None):
+        """Logprobs and entropy; with `stats` (StatsSpec keyword arguments, e.g.
+        {"waad_window": 10, "fai_band": [10, 100]}) also the attention statistics of the
+        selected layers, from this same forward: {layer: {name: [B, H, T] tensor}}."""
         self.engine.eval()
         b = self._to(batch)
-        lp, ent = self._forward(self.engine, b, temperature)
-        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu()}
+        if not stats:
+            lp, ent = self._forward(self.engine, b, temperature)
+            return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu()}
+        from kernels import AttentionCapture, StatsSpec
+
+        if self.cfg.attention != "kernels":
+            raise RuntimeError("attention statistics need learner.attention=kernels")
+        spec = StatsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in stats.items()})
+        cap = AttentionCapture(self._module(), layers=self.cfg.stats_layers, spec=spec,
+                               impl=self.cfg.attn_impl)
+        with cap(response_mask=b.get("response_mask")) as captured:
+            lp, ent = self._forward(self.engine, b, temperature)
+        attn = {layer: {k: v.cpu() for k, v in st.fields().items()}
+                for layer, st in captured.items()}
+        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu(), "attn_stats": attn}
 
     @torch.no_grad()
     def ref_score(self, batch, temperature=1.0):
