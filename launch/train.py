@@ -38,8 +38,10 @@ def print_summary(summary: dict, cfg) -> None:
     lines = [
         "",
         f"=== {cfg.name} seed={cfg.seed}: {summary['steps']} RL steps on task '{cfg.task.name}' ===",
-        f"held-out accuracy, cold-start model : {summary['cold_start_accuracy']:.3f}",
-        f"held-out accuracy, final policy     : {summary['final_accuracy']:.3f}",
+        f"held-out accuracy, cold-start model : {summary['cold_start_accuracy']:.3f} greedy, "
+        f"{summary['cold_start_accuracy_sampled']:.3f} sampled",
+        f"held-out accuracy, final policy     : {summary['final_accuracy']:.3f} greedy, "
+        f"{summary['final_accuracy_sampled']:.3f} sampled",
         f"cold start {summary['cold_start_s']:.0f} s, actors {summary['actors_start_s']:.0f} s, "
         f"RL loop {summary['rl_wall_s']:.0f} s; outputs in {cfg.output_dir}",
     ]

@@ -9,20 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
-
-
-@dataclass
-class TinySpecConfig:
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    head_dim: int = 64
-    max_position_embeddings: int = 512
-    tie_word_embeddings: bool = False
-    seed: int = 0
+from rl.tiny_model import TinyModelSpec
 
 
 @dataclass
@@ -30,7 +17,7 @@ class ModelConfig:
     name: str = "tiny"
     # An HF folder or hub name. None: build the tiny char-level model from `tiny`.
     path: Optional[str] = None
-    tiny: TinySpecConfig = field(default_factory=TinySpecConfig)
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
     dtype: str = "float32"
     # Text put before each prompt / between prompt and response (a chat template stand-in).
     prompt_prefix: str = ""
@@ -49,7 +36,7 @@ class TaskConfig:
 class ColdStartConfig:
     """Supervised warm-start on the task's worked solutions, run when no checkpoint exists."""
     enabled: bool = True
-    steps: int = 220
+    steps: int = 260
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -64,8 +51,8 @@ class AlgorithmConfig:
     std_normalize: bool = True        # False = Dr.GRPO
     loss_agg: str = "token_mean"      # token_mean | seq_mean
     n_samples: int = 8                # responses per prompt
-    prompts_per_step: int = 16
-    minibatch_size: int = 64          # responses per optimizer step (global, all ranks)
+    prompts_per_step: int = 32
+    minibatch_size: int = 128         # responses per optimizer step (global, all ranks)
     epochs: int = 1                   # passes over the step's rollouts
     clip_low: float = 0.2
     clip_high: float = 0.28           # clip-higher (DAPO); = clip_low gives symmetric PPO-clip
@@ -74,7 +61,7 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     # Truncated importance sampling on sampler/learner mismatch; 0 disables it.
     tis_cap: float = 0.0
-    lr: float = 2e-4
+    lr: float = 5e-5
     lr_warmup_steps: int = 10         # linear warm-up of the RL learning rate (fresh Adam)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -107,13 +94,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.1
     num_cpus_per_engine: float = 0.5
     eval_temperature: float = 0.0     # 0 = greedy held-out evaluation
+    eval_samples: int = 4             # sampled responses per held-out problem (0 = skip)
 
 
 @dataclass
 class LearnerConfig:
     num_ranks: int = 1
     zero_stage: int = 2
-    micro_batch_size: int = 64        # responses per rank per forward
+    micro_batch_size: int = 128       # responses per rank per forward
     gradient_checkpointing: bool = False
     backend: Optional[str] = None     # gloo | nccl; None = gloo on CPU, nccl on GPU
     attention: str = "sdpa"           # sdpa | kernels (fused attention that emits statistics)
@@ -153,7 +141,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     name: str = "default"
     seed: int = 0
-    steps: int = 60
+    steps: int = 100
     eval_every: int = 20
     save_every: int = 20
     keep_last: int = 2

@@ -45,6 +45,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * m).sum() / m.sum().clamp(min=1))
 
 
+def mixed_group_share(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
+    groups = group_ids.unique()
+    mixed = [bool(rewards[group_ids == g].unique().numel() > 1) for g in groups]
+    return float(np.mean(mixed))
+
+
 class Trainer:
     def __init__(self, cfg):
         check_config(cfg)
@@ -202,6 +208,8 @@ class Trainer:
             "rollout/logprob_gap": masked_mean(gap, mask),
             "rollout/logprob_gap_max": float((gap * mask).max()),
             "rollout/advantage_abs": float(adv.abs().mean()),
+            # Groups whose rewards differ: the only ones that carry a GRPO learning signal.
+            "rollout/mixed_groups": mixed_group_share(batch.rewards, batch.group_ids),
             "rollout/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
             "perf/tokens_per_s": n_tokens / times["time/step_s"],
             "train/lr": lr,
@@ -216,17 +224,28 @@ class Trainer:
         return metrics
 
     # --- eval and checkpoints -----------------------------------------------------------------
-    def evaluate(self) -> float:
-        """Held-out accuracy: one greedy (by default) response per held-out problem."""
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy, greedy (`eval/accuracy`) and sampled at the rollout temperature
+        (`eval/accuracy_sampled`, `rollout.eval_samples` per problem: the quantity RL
+        maximises, measured on problems it never trains on)."""
         samples = self.task.dataset("test", self.cfg.task.eval_size)
         prompts = self.encode(samples)
-        comps = self.generate(prompts, 1, self.cfg.rollout.eval_temperature,
-                              seeds=list(range(len(prompts))))
-        texts = self.tok.batch_decode([c[0].token_ids for c in comps], skip_special_tokens=True)
-        items = [RewardItem(response=t, answer=s.answer, meta=s.meta, verifier=s.task)
-                 for t, s in zip(texts, samples)]
-        results = self.pool.score(items)
-        return float(np.mean([r.components.get(s.task, 0.0) for r, s in zip(results, samples)]))
+        r = self.cfg.rollout
+        out = {}
+        for key, temp, n in (("eval/accuracy", r.eval_temperature, 1),
+                             ("eval/accuracy_sampled", r.temperature, r.eval_samples)):
+            if n < 1:
+                continue
+            seeds = [stable_hash("eval", i) % 2**31 for i in range(len(prompts))]
+            comps = self.generate(prompts, n, temp, seeds=seeds)
+            flat = [(c, s) for cs, s in zip(comps, samples) for c in cs]
+            texts = self.tok.batch_decode([c.token_ids for c, _ in flat], skip_special_tokens=True)
+            items = [RewardItem(response=t, answer=s.answer, meta=s.meta, verifier=s.task)
+                     for t, (_, s) in zip(texts, flat)]
+            results = self.pool.score(items)
+            out[key] = float(np.mean([res.components.get(s.task, 0.0)
+                                      for res, (_, s) in zip(results, flat)]))
+        return out
 
     def save(self, step: int) -> Path:
         def write(tmp: Path) -> None:
@@ -240,28 +259,28 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        if "cold_start_accuracy" not in self.state:
+        if "cold_start_eval" not in self.state:
             t0 = time.perf_counter()
-            self.state["cold_start_accuracy"] = self.evaluate()
-            self.tracker.log({"eval/accuracy": self.state["cold_start_accuracy"],
+            self.state["cold_start_eval"] = self.evaluate()
+            self.tracker.log({**self.state["cold_start_eval"],
                               "time/eval_s": time.perf_counter() - t0}, step=0)
-            log.info("held-out accuracy of the cold-start model: %.3f",
-                     self.state["cold_start_accuracy"])
+            log.info("held-out accuracy of the cold-start model: %s", self.state["cold_start_eval"])
         bar = tqdm(range(self.step, cfg.steps), desc="RL", initial=self.step, total=cfg.steps,
                    disable=not cfg.logger.progress, dynamic_ncols=True)
-        accuracy = self.state.get("last_eval_accuracy", self.state["cold_start_accuracy"])
+        evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
         for step in bar:
             metrics = self.train_step(step)
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 t0 = time.perf_counter()
-                accuracy = self.evaluate()
-                self.state["last_eval_accuracy"] = accuracy
-                metrics.update({"eval/accuracy": accuracy, "time/eval_s": time.perf_counter() - t0})
+                evals = self.evaluate()
+                self.state["last_eval"] = evals
+                metrics.update({**evals, "time/eval_s": time.perf_counter() - t0})
             self.tracker.log(metrics, step=done)
             bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
-                            acc=f"{metrics['rollout/accuracy']:.2f}", eval=f"{accuracy:.2f}")
+                            acc=f"{metrics['rollout/accuracy']:.2f}",
+                            eval=f"{evals['eval/accuracy']:.2f}")
             stopping = cfg.stop_after is not None and done >= cfg.stop_after
             if done % cfg.save_every == 0 or done == cfg.steps or stopping:
                 self.save(done)
@@ -269,8 +288,12 @@ class Trainer:
             if stopping:
                 log.info("stop_after=%d reached; stopping as if interrupted", done)
                 break
-        summary = {"cold_start_accuracy": self.state["cold_start_accuracy"],
-                   "final_accuracy": accuracy, "steps": self.step,
+        cold = self.state["cold_start_eval"]
+        summary = {"cold_start_accuracy": cold["eval/accuracy"],
+                   "final_accuracy": evals["eval/accuracy"],
+                   "cold_start_accuracy_sampled": cold.get("eval/accuracy_sampled", float("nan")),
+                   "final_accuracy_sampled": evals.get("eval/accuracy_sampled", float("nan")),
+                   "steps": self.step,
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)
