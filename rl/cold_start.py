@@ -74,7 +74,8 @@ def run_cold_start(cfg, cache: Path, progress: bool = True) -> str:
     cs = cfg.cold_start
     if not cs.enabled:
         return base
-    key = config_hash(cfg.model, cfg.task, cs)
+    # Everything that shapes the cold-start weights, and nothing else (not eval settings).
+    key = config_hash(cfg.model, cfg.task.name, cfg.task.params, cfg.task.seed, cs)
     final = cache / f"cold_start-{key}"
     if final.exists() and cs.reuse:
         log.info("cold start: reusing %s", final)

@@ -142,7 +142,7 @@ class TrainConfig:
     name: str = "default"
     seed: int = 0
     steps: int = 100
-    eval_every: int = 20
+    eval_every: int = 25
     save_every: int = 20
     keep_last: int = 2
     resume: bool = False
