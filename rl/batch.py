@@ -51,7 +51,7 @@ class RolloutBatch:
             elif f.name == "meta":
                 kwargs[f.name] = [v[i] for i in idx_t.tolist()] if v else []
             else:
-                kwargs[f.name] = None if v is None else v  # stats are re-derived per shard
+                kwargs[f.name] = None  # per-layer attention statistics belong to the full batch
         return RolloutBatch(**kwargs)
 
     def trimmed(self) -> "RolloutBatch":

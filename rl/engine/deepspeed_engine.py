@@ -105,7 +105,6 @@ class DeepSpeedEngine(TrainEngine):
         if cfg.ref_model_path:
             self.ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model_path, dtype=dtype)
             self.ref.to(self.device).eval().requires_grad_(False)
-        self.skipped_steps = 0
 
     # --- forwards -------------------------------------------------------------------------
     def _to(self, batch):
@@ -192,7 +191,6 @@ class DeepSpeedEngine(TrainEngine):
             else:
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
         if not finite:
-            self.skipped_steps += 1
             return {"skipped": 1.0, "loss": float("nan")}
         ntok = max(metrics.pop("_tokens", 1.0), 1.0)
         out = {k: v / ntok for k, v in metrics.items()}
