@@ -22,6 +22,8 @@ why the padded case is sliced per row instead of masked.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -75,7 +77,18 @@ def forward(q, k, v, layout: SeqLayout, scale: float, spec: StatsSpec | None, ou
         if want:
             side = {n: sel(getattr(spec, n), "side") for n in ("key_classes", "response_mask")
                     if getattr(spec, n) is not None}
+            t0 = time.perf_counter()
             _stats(qs, ks, l, scale, spec, want, side)
+            _charge_stats_time(time.perf_counter() - t0)
+
+
+def _charge_stats_time(seconds: float) -> None:
+    """Add the statistics pass's time to the active capture (on CPU it is a separate, timed pass)."""
+    from .capture import active_capture  # lazy: capture imports this module through api
+
+    cap = active_capture()
+    if cap is not None and cap._result is not None:
+        cap._result.stats_seconds += seconds
 
 
 def _out_lse(q, k, v, scale):

@@ -73,6 +73,9 @@ class CapturedStats(dict):
     def __init__(self):
         super().__init__()
         self.grad_mass: dict[int, Tensor] = {}
+        # Seconds spent in statistics passes the backend can time apart from the attention
+        # itself (the blockwise CPU path; the fused Triton kernels have no separate pass).
+        self.stats_seconds = 0.0
 
     def stack(self, name: str) -> Tensor:
         """One statistic of all captured layers, stacked on a new leading layer axis."""

@@ -29,7 +29,8 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None   # [B, T] learner-recomputed at the start of the step
     ref_logprobs: torch.Tensor | None = None   # [B, T] frozen reference (KL)
     entropy: torch.Tensor | None = None        # [B, T] learner entropy of the next-token dist.
-    advantages: torch.Tensor | None = None     # [B, T] = scalar advantage × token_weights
+    seq_advantages: torch.Tensor | None = None  # [B] per-response advantage (before credit)
+    advantages: torch.Tensor | None = None     # [B, T] = seq_advantages × token_weights
     attn_stats: dict[str, Any] | None = None   # per-layer attention statistics (credit methods)
     meta: list[dict] = field(default_factory=list)  # per response: uid, prompt/response text, …
 

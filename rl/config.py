@@ -104,7 +104,9 @@ class LearnerConfig:
     micro_batch_size: int = 128       # responses per rank per forward
     gradient_checkpointing: bool = False
     backend: Optional[str] = None     # gloo | nccl; None = gloo on CPU, nccl on GPU
-    attention: str = "sdpa"           # sdpa | kernels (fused attention that emits statistics)
+    # sdpa | kernels (fused attention that emits statistics) | auto: kernels when the credit
+    # method reads attention statistics, else sdpa
+    attention: str = "auto"
     attn_impl: str = "auto"           # auto (triton on GPU, blockwise on CPU) | blockwise | triton
     stats_layers: str = "middle:5"    # layers whose statistics are captured: all | middle:n
     num_cpus_per_rank: float = 0.5
@@ -168,7 +170,7 @@ VALID_CHOICES = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "offline", "online", "disabled"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "learner.attention": ("sdpa", "kernels"),
+    "learner.attention": ("auto", "sdpa", "kernels"),
     "learner.attn_impl": ("auto", "blockwise", "triton", "reference"),
 }
 
@@ -195,5 +197,25 @@ def check_config(cfg) -> None:
         raise ValueError("rollout.num_engines must not exceed algorithm.prompts_per_step")
     if a.n_samples < 2:
         raise ValueError("algorithm.n_samples must be >= 2 for group baselines")
-    if cfg.credit.name != "none":
-        raise ValueError(f"credit.name={cfg.credit.name!r}: only 'none' exists so far")
+    credit = build_credit(cfg)  # unknown method or parameter: named here
+    if credit.stats_request() and lr.attention == "sdpa":
+        raise ValueError(f"credit={cfg.credit.name} reads attention statistics: learner.attention "
+                         "must be kernels (or auto), not sdpa")
+
+
+def build_credit(cfg):
+    """The configured credit method (typed parameters; raises naming a bad key)."""
+    from omegaconf import OmegaConf
+
+    from rl.credit import build
+
+    params = OmegaConf.to_container(cfg.credit.params, resolve=True) if not isinstance(
+        cfg.credit.params, dict) else dict(cfg.credit.params)
+    return build(cfg.credit.name, params, seed=cfg.seed)
+
+
+def learner_attention(cfg) -> str:
+    """learner.attention with `auto` resolved: the kernels only when credit needs statistics."""
+    if cfg.learner.attention != "auto":
+        return cfg.learner.attention
+    return "kernels" if build_credit(cfg).stats_request() else "sdpa"

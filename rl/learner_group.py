@@ -92,6 +92,7 @@ class LearnerGroup:
                 layer: {name: torch.cat([o["attn_stats"][layer][name] for o in outs])[:n]
                         for name in outs[0]["attn_stats"][layer]}
                 for layer in outs[0]["attn_stats"]}
+            merged["stats_s"] = max(o["stats_s"] for o in outs)  # ranks run side by side
         return merged
 
     def ref_score(self, tensors, temperature: float) -> torch.Tensor:

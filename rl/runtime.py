@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ray
 
+from rl.config import learner_attention
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup, with_accum
 from rollout.vllm_engine import EngineConfig, VLLMEngine
@@ -62,7 +63,7 @@ def engine_config(cfg, model_path: str, lr: float, minibatch_size: int,
         grad_clip=cfg.algorithm.grad_clip, zero_stage=lc.zero_stage,
         micro_batch_size=lc.micro_batch_size, dtype=cfg.model.dtype,
         gradient_checkpointing=lc.gradient_checkpointing, ref_model_path=ref_model_path,
-        backend=lc.backend, seed=cfg.seed, attention=lc.attention, attn_impl=lc.attn_impl,
+        backend=lc.backend, seed=cfg.seed, attention=learner_attention(cfg), attn_impl=lc.attn_impl,
         stats_layers=lc.stats_layers)
     return with_accum(base, minibatch_size, lc.num_ranks)
 

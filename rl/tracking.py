@@ -59,12 +59,16 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    def table(self, name: str, columns: list[str], rows: list[list], step: int,
+              html_columns: tuple[str, ...] = ()) -> None:
+        """A W&B table; cells of `html_columns` are HTML fragments shown rendered."""
         if self.run is None or not rows:
             return
         import wandb
 
-        self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+        html = [c in html_columns for c in columns]
+        data = [[wandb.Html(v) if h else v for v, h in zip(row, html)] for row in rows]
+        self.run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:

@@ -26,8 +26,8 @@ from rl.algorithms.losses import PolicyLossConfig
 from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager
 from rl.cold_start import load_tokenizer, run_cold_start
-from rl.config import check_config
-from rl.credit import apply_credit, stats_request
+from rl.config import build_credit, check_config
+from rl.credit.render import credit_html
 from rl.data import collate_rollouts, encode_prompt, train_samples_at
 from rl.runtime import init_ray, start_engines, start_learner, wait_ready
 from rl.tasks import get_task
@@ -64,7 +64,8 @@ class Trainer:
             clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
             tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg)
-        self.stats_request = stats_request(cfg.credit.name, dict(cfg.credit.params))
+        self.credit = build_credit(cfg)
+        self.stats_request = self.credit.stats_request()
         init_ray(cfg.cluster)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -141,17 +142,24 @@ class Trainer:
              "response_mask": batch.response_mask}
         out = self.learner.score(t, self.cfg.rollout.temperature, self.stats_request)
         batch.attn_stats = out.get("attn_stats")
+        self.last_stats_s = out.get("stats_s", 0.0)
         mask = batch.response_mask
         batch.old_logprobs = out["logprobs"] * mask
         batch.entropy = out["entropy"] * mask
         if self.alg.kl_coef > 0:
             batch.ref_logprobs = self.learner.ref_score(t, self.cfg.rollout.temperature) * mask
 
-    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+    def advantages(self, batch: RolloutBatch, step: int) -> tuple[torch.Tensor, dict]:
+        """Per-response advantages, then credit γ_t (which may read their sign), then
+        per-token advantages A × γ_t. Returns (per-response advantages, credit metrics)."""
         adv = compute_advantages(self.alg.advantage, batch.rewards, batch.group_ids,
                                  self.alg.std_normalize)
+        batch.seq_advantages = adv
+        t0 = time.perf_counter()
+        credit_metrics = self.credit(batch, step)
+        credit_metrics["time_s"] = time.perf_counter() - t0
         batch.advantages = adv[:, None] * batch.token_weights * batch.response_mask
-        return adv
+        return adv, credit_metrics
 
     def update(self, batch: RolloutBatch, step: int) -> dict:
         """`epochs` passes of minibatch updates; metrics averaged over minibatches."""
@@ -188,12 +196,14 @@ class Trainer:
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
         timed("score", self.score, batch)
-        credit_metrics = timed("credit", apply_credit, self.cfg.credit.name, batch,
-                               dict(self.cfg.credit.params))
-        adv = self.advantages(batch)
+        adv, credit_metrics = self.advantages(batch, step)
+        times["time/credit_s"] = credit_metrics.pop("time_s")
+        times["time/stats_s"] = self.last_stats_s
         train_metrics = timed("update", self.update, batch, step)
         sync = timed("sync", self.learner.sync_weights, self.engines, step + 1)
         times["time/step_s"] = time.perf_counter() - t_step
+        # What attention credit costs: the statistics pass inside the scoring forward plus γ.
+        times["time/credit_share"] = (times["time/stats_s"] + times["time/credit_s"]) / times["time/step_s"]
 
         mask = batch.response_mask
         n_tokens = float(mask.sum())
@@ -221,7 +231,31 @@ class Trainer:
                 for i, m in enumerate(batch.meta[: self.cfg.logger.sample_table_rows])]
         self.tracker.table("samples", ["step", "prompt", "response", "reward", "answer"], rows,
                            step + 1)
+        if step == 0 or (step + 1) % self.cfg.eval_every == 0:
+            self.log_credit_table(batch, step + 1)
         return metrics
+
+    def log_credit_table(self, batch: RolloutBatch, step: int) -> None:
+        """A few responses coloured token by token by WAAD, FAI and γ (W&B sample table)."""
+        trace = getattr(self.credit, "trace", None)
+        n = self.cfg.logger.sample_table_rows
+        if trace is None or self.tracker.run is None or n <= 0:
+            return
+        rows = []
+        for i in range(min(n, len(batch))):
+            pos = batch.response_mask[i].nonzero()[:, 0]
+            tokens = [self.tok.decode([t]) for t in batch.input_ids[i, pos].tolist()]
+            values = {"γ": trace.gamma[i, pos].tolist()}
+            marks = {"selected": trace.selected[i, pos].tolist()}
+            if trace.sets is not None:
+                values = {"WAAD": trace.sets.waad[i, pos].tolist(), "FAI": trace.sets.fai[i, pos].tolist(), **values}
+                marks = {"preplan": trace.sets.preplan[i, pos].tolist(),
+                         "anchor": trace.sets.anchor[i, pos].tolist(),
+                         "intro": trace.sets.intro[i, pos].tolist()}
+            rows.append([step, float(batch.rewards[i]), float(batch.seq_advantages[i]),
+                         credit_html(tokens, values, marks=marks)])
+        self.tracker.table("credit_samples", ["step", "reward", "advantage", "credit"], rows, step,
+                           html_columns=("credit",))
 
     # --- eval and checkpoints -----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -269,8 +303,10 @@ class Trainer:
                    disable=not cfg.logger.progress, dynamic_ncols=True)
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
+        shares = []
         for step in bar:
             metrics = self.train_step(step)
+            shares.append(metrics["time/credit_share"])
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 t0 = time.perf_counter()
@@ -294,6 +330,9 @@ class Trainer:
                    "cold_start_accuracy_sampled": cold.get("eval/accuracy_sampled", float("nan")),
                    "final_accuracy_sampled": evals.get("eval/accuracy_sampled", float("nan")),
                    "steps": self.step,
+                   "credit": self.cfg.credit.name,
+                   # statistics pass + γ, as a share of step time (mean over this run's steps)
+                   "credit_share_of_step": float(np.mean(shares)) if shares else float("nan"),
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)

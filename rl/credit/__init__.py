@@ -1,44 +1,78 @@
 """Token-level credit: methods that set `batch.token_weights` (γ_t) before advantages.
 
-A method is one module here registered by name plus one conf/credit/ file. It reads the batch
-(token ids, token classes, attention statistics from the scoring forward) and writes weights;
-the advantage of token t becomes A × γ_t. `none` leaves every weight at 1 (plain GRPO).
+A method is one module here (a `CreditMethod` subclass registered by name) plus one
+conf/credit/ file. It reads the batch (token ids, token classes, entropy, the attention
+statistics of the scoring forward, the per-response advantages) and writes weights; the
+advantage of token t becomes A × γ_t. `none` leaves every weight at 1 (plain GRPO).
+
+Each method declares its parameters as a dataclass, so `build` rejects an unknown or
+mistyped `credit.params` key by name — `check_config` calls it before any actor starts.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from rl.batch import RolloutBatch
 
-CreditFn = Callable[[RolloutBatch, dict], dict]
-METHODS: dict[str, CreditFn] = {}
-# What each method needs from the scoring forward: StatsSpec keyword arguments, or None.
-STATS: dict[str, Callable[[dict], dict | None]] = {}
+
+@dataclass
+class NoParams:
+    pass
 
 
-def register(name: str, stats: Callable[[dict], dict | None] = lambda params: None):
-    def wrap(fn: CreditFn) -> CreditFn:
-        METHODS[name] = fn
-        STATS[name] = stats
-        return fn
+class CreditMethod:
+    """The contract: what the scoring forward must capture, and γ from a scored batch."""
+
+    Params: type = NoParams
+
+    def __init__(self, name: str, params: Any, seed: int = 0):
+        self.name, self.p, self.seed = name, params, seed
+
+    def stats_request(self) -> dict | None:
+        """StatsSpec keyword arguments the scoring forward must capture (None: no attention)."""
+        return None
+
+    def __call__(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """Edit batch.token_weights in place; return metrics (logged under credit/)."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[CreditMethod]] = {}
+
+
+def register(*names: str):
+    def wrap(cls: type[CreditMethod]) -> type[CreditMethod]:
+        for n in names:
+            METHODS[n] = cls
+        return cls
     return wrap
 
 
-def stats_request(name: str, params: dict) -> dict | None:
-    """The attention statistics method `name` reads (None: the scoring forward needs none)."""
-    if name not in STATS:
-        raise ValueError(f"unknown credit method {name!r}; known: {sorted(METHODS)}")
-    return STATS[name](params)
+def build(name: str, params: dict | None = None, seed: int = 0) -> CreditMethod:
+    """The method `name` with its typed parameters; raises ValueError naming a bad key."""
+    if name not in METHODS:
+        raise ValueError(f"credit.name={name!r}: unknown; known: {sorted(METHODS)}")
+    cls = METHODS[name]
+    known = {f.name: f for f in dataclasses.fields(cls.Params)}
+    params = dict(params or {})
+    for key in params:
+        if key not in known:
+            raise ValueError(f"credit.params.{key}: unknown for credit={name}; known: {sorted(known)}")
+    try:
+        typed = cls.Params(**params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"credit.params for credit={name}: {e}") from e
+    return cls(name, typed, seed)
 
 
 @register("none")
-def no_credit(batch: RolloutBatch, params: dict) -> dict:
+class NoCredit(CreditMethod):
     """Uniform credit: the response's advantage on every one of its tokens."""
-    return {}
+
+    def __call__(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        return {}
 
 
-def apply_credit(name: str, batch: RolloutBatch, params: dict) -> dict:
-    """Edit batch.token_weights in place; returns the method's metrics."""
-    if name not in METHODS:
-        raise ValueError(f"unknown credit method {name!r}; known: {sorted(METHODS)}")
-    return METHODS[name](batch, params)
+from rl.credit import preplan_anchor  # noqa: E402,F401  (registers its strategies)

@@ -136,7 +136,8 @@ class DeepSpeedEngine(TrainEngine):
             lp, ent = self._forward(self.engine, b, temperature)
         attn = {layer: {k: v.cpu() for k, v in st.fields().items()}
                 for layer, st in captured.items()}
-        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu(), "attn_stats": attn}
+        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu(), "attn_stats": attn,
+                "stats_s": captured.stats_seconds}
 
     @torch.no_grad()
     def ref_score(self, batch, temperature=1.0):

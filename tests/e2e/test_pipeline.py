@@ -181,3 +181,31 @@ def test_two_learner_ranks_and_two_engines(ray_session, tmp_path_factory, datase
         assert (s - learner).abs().max() < 1e-3
     m = metrics(out)[1]
     assert m["train/grad_norm"] > 0 and m["train/skipped"] == 0
+
+
+def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dataset, cache_dir):
+    """credit=coupled: the learner switches to the kernels, the scoring forward returns the
+    statistics (merged over 2 ranks), γ > 1 lands on some response tokens, and the per-step
+    credit metrics, the time share and the W&B credit table are written."""
+    out = tmp_path_factory.mktemp("run_coupled")
+    cfg = make_cfg(out, cache_dir, dataset, ["steps=2", "credit=coupled", "logger=wandb",
+                                             "learner.num_ranks=2",
+                                             "credit.params.fai_band=[2,100]"])
+
+    def inspect(t):
+        tr = t.credit.trace
+        return tr.gamma.clone(), tr.sets.anchor.clone()
+
+    summary, (gamma, anchor) = run(cfg, inspect)
+    assert anchor.any() and (gamma > 1).any() and (gamma >= 1).all()
+    m = metrics(out)
+    for step in (1, 2):
+        row = m[step]
+        assert 0 < row["credit/anchor_share"] <= 1 and 0 < row["credit/preplan_share"] <= 1
+        assert row["credit/gamma_max"] > 1 and row["credit/gamma_mean"] >= 1
+        assert row["time/stats_s"] > 0 and 0 < row["time/credit_share"] < 1
+        assert row["train/grad_norm"] > 0
+    assert m[2]["credit/local_heads_jaccard"] >= 0  # a previous batch exists from step 2 on
+    assert 0 < summary["credit_share_of_step"] < 1
+    rows = history(next(next((out / "wandb").glob("offline-run-*")).glob("run-*.wandb")))
+    assert any(r.get("credit_samples/_type") == "table-file" for r in rows)

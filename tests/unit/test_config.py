@@ -24,7 +24,7 @@ def test_default_composes_and_passes_checks():
     assert cfg.learner.num_ranks == 1 and cfg.rollout.num_engines == 1
 
 
-@pytest.mark.parametrize("group", ["algorithm", "rollout", "learner", "task", "model", "logger"])
+@pytest.mark.parametrize("group", ["algorithm", "rollout", "learner", "task", "model", "logger", "credit"])
 def test_every_group_file_is_valid(group):
     for f in sorted((Path(CONF) / group).glob("*.yaml")):
         cfg = load([f"{group}={f.stem}"])
@@ -75,3 +75,21 @@ def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch):
         trainer.Trainer(load(["algorithm.loss_agg=median"]))
     with pytest.raises(TypeError, match="digitz"):
         trainer.Trainer(load(["+task.params.digitz=3"]))
+
+
+@pytest.mark.parametrize("name", ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled"])
+def test_every_credit_file_builds_and_picks_the_attention(name):
+    from rl.config import build_credit, learner_attention
+
+    cfg = load([f"credit={name}"])
+    check_config(cfg)
+    assert build_credit(cfg).name == name
+    reads_attention = name in ("local_chunk", "global_anchor", "coupled")
+    assert learner_attention(cfg) == ("kernels" if reads_attention else "sdpa")
+
+
+def test_credit_param_typo_and_sdpa_conflict_are_named():
+    with pytest.raises(ValueError, match="credit.params.gama_amp"):
+        check_config(load(["credit=coupled", "+credit.params.gama_amp=2"]))
+    with pytest.raises(ValueError, match="learner.attention"):
+        check_config(load(["credit=coupled", "learner.attention=sdpa"]))

@@ -1,0 +1,119 @@
+"""Turn the credit-ablation runs into a table (held-out accuracy, mean ± std over seeds) and a
+learning-curve plot.
+
+    python benchmarks/credit_ablation_report.py outputs/credit_ablation/arith \
+        --out benchmarks/results/credit_ablation_arith
+
+Reads `<root>/<credit>/seed<k>/metrics.jsonl` (written by the trainer) and writes
+`table.md` and `curves.png` under --out. Final = the last eval of the run; peak = the best eval
+(the paper reports smoothed peaks, so both are shown). Δ columns are against `none`, paired by
+seed (same cold start, same prompts, same sampling seeds up to the credit method).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+ORDER = ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled"]
+METRICS = (("eval/accuracy", "greedy"), ("eval/accuracy_sampled", "sampled"))
+
+
+def load_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for f in sorted(root.glob("*/seed*/metrics.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        runs.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = rows
+    return runs
+
+
+def evals(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    steps, vals = zip(*pts) if pts else ((), ())
+    return np.array(steps), 100 * np.array(vals)
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r and r.get("step", 0) > 0]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def pm(x: list[float]) -> str:
+    return f"{np.mean(x):.1f} ± {np.std(x, ddof=1) if len(x) > 1 else 0.0:.1f}"
+
+
+def table(runs: dict) -> str:
+    methods = [m for m in ORDER if m in runs] + sorted(set(runs) - set(ORDER))
+    base = runs.get("none", {})
+    head = ["credit", "seeds"]
+    for _, short in METRICS:
+        head += [f"final {short}", f"Δ vs none ({short})", f"peak {short}"]
+    head += ["step s", "stats+credit share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        seeds = sorted(runs[m])
+        cells = [m, ",".join(map(str, seeds))]
+        for key, _ in METRICS:
+            final = {s: evals(runs[m][s], key)[1][-1] for s in seeds}
+            peak = [evals(runs[m][s], key)[1].max() for s in seeds]
+            paired = [final[s] - evals(base[s], key)[1][-1] for s in seeds if s in base]
+            cells += [pm(list(final.values())), pm(paired) if paired and m != "none" else "—", pm(peak)]
+        cells += [f"{np.mean([mean_of(runs[m][s], 'time/step_s') for s in seeds]):.2f}",
+                  f"{100 * np.mean([mean_of(runs[m][s], 'time/credit_share') for s in seeds]):.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    cold = [evals(r, k)[1][0] for r in base.values() for k, _ in METRICS[:1]]
+    if cold:
+        lines.append("")
+        lines.append(f"Cold-start model (step 0): {cold[0]:.1f} greedy, "
+                     f"{evals(next(iter(base.values())), METRICS[1][0])[1][0]:.1f} sampled.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for ax, (key, short) in zip(axes, METRICS):
+        for m in [m for m in ORDER if m in runs]:
+            curves = [evals(rows, key) for rows in runs[m].values()]
+            n = min(len(c[0]) for c in curves)
+            steps = curves[0][0][:n]
+            ys = np.stack([c[1][:n] for c in curves])
+            mu, sd = ys.mean(0), ys.std(0)
+            ax.plot(steps, mu, marker="o", ms=3, label=f"{m} (n={len(curves)})",
+                    lw=2.2 if m in ("none", "coupled") else 1.2)
+            ax.fill_between(steps, mu - sd, mu + sd, alpha=0.12)
+        ax.set_title(f"held-out accuracy, {short}")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path, help="outputs/credit_ablation/<task>")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    runs = load_runs(args.root)
+    if not runs:
+        raise SystemExit(f"no runs under {args.root} (expected <credit>/seed<k>/metrics.jsonl)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(runs)
+    (args.out / "table.md").write_text(text)
+    plot(runs, args.out / "curves.png", f"credit ablation: {args.root.name} (mean ± std over seeds)")
+    print(text)
+    print(f"wrote {args.out / 'table.md'} and {args.out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""`python -m launch.inspect --checkpoint PATH --prompt TEXT`: look at preplan/anchor credit.
+
+Why: the credit a training step applies is a function of the learner's attention on that
+step's batch, logged only as shares. This tool replays the scoring forward of one checkpoint
+on a prompt (and a given or generated response), computes WAAD, FAI, the token sets and γ
+exactly as `rl/credit/preplan_anchor.py` does in training, and writes one HTML page and one
+PNG per sample to read them token by token.
+
+    python -m launch.inspect --checkpoint outputs/default/seed0 --task-sample 0
+    python -m launch.inspect --checkpoint outputs/cache/cold_start-XXXX \\
+        --prompt $'Add.\\n347+285\\n' --samples 4 --temperature 1.0 --strategy coupled
+
+PATH is an HF folder (config.json), a checkpoint step folder (hf/ inside), a checkpoints
+folder, or a trainer output dir (its latest checkpoint). As in training, the head groups
+(local / global) are chosen over the whole batch, i.e. over the `--samples` responses here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """The HF folder to load for PATH (see the module docstring); a clear error otherwise."""
+    from rl.checkpoint import CheckpointManager
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    if (p / "config.json").is_file():
+        return p
+    if (p / "hf" / "config.json").is_file():
+        return p / "hf"
+    for root in (p, p / "checkpoints"):
+        if root.is_dir() and any(x.name.startswith("step_") for x in root.iterdir()):
+            step = CheckpointManager(root).latest()
+            if step is not None and (step / "hf" / "config.json").is_file():
+                return step / "hf"
+            raise FileNotFoundError(f"{root} holds no complete checkpoint (step_*/trainer_state.json and hf/)")
+    raise FileNotFoundError(
+        f"{path!r} is not an HF model folder (no config.json), a checkpoint step (no hf/), "
+        f"nor a folder of checkpoints (no step_*/ in it or in its checkpoints/)")
+
+
+def task_prompt(index: int) -> tuple[str, str]:
+    """(prompt text, reference answer) of held-out problem `index` of the default task, with
+    the default model's prompt/response prefixes — what the trainer feeds the policy."""
+    from omegaconf import OmegaConf
+
+    from rl.tasks import TEST, get_task
+
+    task_cfg = OmegaConf.load(CONF / "task" / "arith.yaml")
+    model_cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    task = get_task(task_cfg.name, seed=task_cfg.seed, **OmegaConf.to_container(task_cfg.params))
+    s = task.sample(TEST, index)
+    return (model_cfg.prompt_prefix or "") + s.prompt + (model_cfg.response_prefix or ""), s.answer
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_new_tokens: int) -> list[list[int]]:
+    """`n` responses (token ids, ending with EOS when the model stopped there)."""
+    import torch
+
+    ids = torch.tensor([prompt_ids], device=model.device)
+    if temperature > 0:
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kw = dict(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         num_return_sequences=n, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id, **kw)
+    responses = []
+    for row in out[:, len(prompt_ids):].tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+        responses.append(row)
+    return responses
+
+
+def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
+                     layers: str, spec, impl: str):
+    """One forward over prompt ⊕ response rows (right-padded) under AttentionCapture, as the
+    learner's scoring forward: ({layer: {name: [B, H, T]}}, response mask [B, T])."""
+    import torch
+
+    from kernels import AttentionCapture
+    from rl.data import pad_rows
+
+    rows = [prompt_ids + r for r in responses]
+    ids = pad_rows(rows, pad_id, torch.long)
+    am = pad_rows([[1] * len(r) for r in rows], 0, torch.long)
+    resp = pad_rows([[0] * len(prompt_ids) + [1] * len(r) for r in responses], 0, torch.bool)
+    dev = model.device
+    cap = AttentionCapture(model, layers=layers, spec=spec, impl=impl)
+    with torch.no_grad(), cap(response_mask=resp.to(dev)) as captured:
+        model(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False)
+    if not captured:
+        raise RuntimeError(f"no attention statistics captured for layers={layers!r}")
+    return {layer: {k: v.cpu() for k, v in st.fields().items()} for layer, st in captured.items()}, resp
+
+
+def _short(x: float) -> float:
+    """A float32 statistic as its shortest decimal (what the tooltips show)."""
+    import numpy as np
+
+    return float(str(np.float32(x)))
+
+
+def head_names(stats: dict) -> list[str]:
+    """Names of the pooled heads in `pooled_heads` order (layers sorted, then query heads)."""
+    names = []
+    for layer in sorted(stats):
+        names += [f"L{layer}.h{h}" for h in range(stats[layer]["distance"].shape[1])]
+    return names
+
+
+def parse_args(argv):
+    from rl.credit.preplan_anchor import ATTENTION_STRATEGIES
+
+    ap = argparse.ArgumentParser(prog="python -m launch.inspect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="HF folder, checkpoint step, checkpoints dir or output dir")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the full prompt text, used verbatim")
+    src.add_argument("--task-sample", type=int, metavar="N", help="held-out problem N of the default arith task")
+    ap.add_argument("--response", help="score this response instead of generating one")
+    ap.add_argument("--strategy", default="coupled", choices=ATTENTION_STRATEGIES)
+    ap.add_argument("--samples", type=int, default=1, help="responses to generate (head groups span them all)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--layers", default="middle:5", help='"all", "middle:n" or comma-separated indices')
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="outputs/inspect")
+    args = ap.parse_args(argv)
+    if args.samples < 1:
+        ap.error("--samples must be >= 1")
+    if args.response is not None and args.samples != 1:
+        ap.error("--response gives exactly one sample; drop --samples")
+    if args.prompt == "":
+        ap.error("--prompt is empty")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kernels import StatsSpec
+    from rl.credit.preplan_anchor import PreplanAnchorParams, attention_credit
+
+    try:
+        hf = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        raise SystemExit(f"launch.inspect: {e}") from None
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).to(args.device).eval()
+    answer = None
+    prompt = args.prompt
+    if prompt is None:
+        prompt, answer = task_prompt(args.task_sample)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+
+    # Generate before the capture installs the statistics attention on the model.
+    if args.response is not None:
+        responses = [tok(args.response, add_special_tokens=False)["input_ids"]]
+        if not responses[0]:
+            raise SystemExit("launch.inspect: --response is empty")
+    else:
+        torch.manual_seed(args.seed)
+        if args.temperature == 0 and args.samples > 1:
+            print("note: greedy decoding gives identical samples; use --temperature > 0", file=sys.stderr)
+        with torch.no_grad():
+            responses = generate(model, tok, prompt_ids, args.samples, args.temperature, args.max_new_tokens)
+        if any(not r for r in responses):
+            raise SystemExit("launch.inspect: a generated response is empty (raise --max-new-tokens)")
+
+    p = PreplanAnchorParams()
+    spec = StatsSpec(distance=True, waad_window=p.waad_window, fai_band=tuple(p.fai_band))
+    layers = args.layers if not args.layers[0].isdigit() else [int(x) for x in args.layers.split(",")]
+    impl = "blockwise" if str(args.device).startswith("cpu") else "auto"
+    stats, resp = score_with_stats(model, prompt_ids, responses, _pad_id(tok), layers, spec, impl)
+    gamma, trace, dist = attention_credit(stats, resp, args.strategy, p)
+
+    ctx = {"prompt": prompt, "answer": answer, "strategy": args.strategy, "checkpoint": hf,
+           "params": {"strategy": args.strategy, "checkpoint": str(hf), "layers": args.layers,
+                        "impl": impl, **vars(p)},
+           "groups": head_group_rows(stats, trace, dist, len(responses))}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, r_ids in enumerate(responses):
+        written += write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx)
+        print("\n".join(str(x) for x in written[-2:]))
+    return written
+
+
+def head_group_rows(stats: dict, trace, dist, n_responses: int) -> dict[str, str]:
+    """The local / global heads with their mean look-back distance, for the page."""
+    names = head_names(stats)
+    return {
+        "local heads (WAAD)": ", ".join(f"{names[h]} (d={dist[h]:.2f})" for h in trace.local_heads),
+        "global heads (FAI)": ", ".join(f"{names[h]} (d={dist[h]:.2f})" for h in trace.global_heads),
+        "all heads, mean look-back distance": ", ".join(f"{n}={d:.2f}" for n, d in zip(names, dist.tolist())),
+        "chosen over": f"the {n_responses} response(s) of this run, as over a training batch: "
+                       f"other samples give other groups, hence other WAAD / FAI",
+    }
+
+
+def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, sets, ctx: dict) -> list[Path]:
+    """sample_<i>.html (prompt, response, WAAD / FAI / γ views, head groups, parameters) and
+    sample_<i>.png, for batch row i."""
+    from rl.credit.render import credit_html, credit_page, credit_png, table_html, text_html
+
+    pos = resp_row.nonzero(as_tuple=True)[0]
+    tokens = [tok.decode([t], skip_special_tokens=False) for t in r_ids]
+    values = {"WAAD": [_short(x) for x in sets.waad[i, pos].tolist()],
+              "FAI": [_short(x) for x in sets.fai[i, pos].tolist()],
+              "γ": [_short(x) for x in gamma_row[pos].tolist()]}
+    marks = {name: getattr(sets, name)[i, pos].tolist() for name in ("preplan", "anchor", "intro", "dominated")}
+    title = f"sample {i} · {ctx['strategy']} · {ctx['checkpoint']}"
+    sections = [text_html("prompt", ctx["prompt"]),
+                text_html("response", tok.decode(r_ids, skip_special_tokens=False))]
+    if ctx["answer"] is not None:
+        sections.append(text_html("reference answer", ctx["answer"]))
+    sections += [credit_html(tokens, values, title=f"credit ({ctx['strategy']})", marks=marks),
+                 table_html("head groups", ctx["groups"]), table_html("parameters", ctx["params"])]
+    html_path, png_path = out / f"sample_{i}.html", out / f"sample_{i}.png"
+    html_path.write_text(credit_page(sections, title), encoding="utf-8")
+    credit_png(tokens, values, png_path, title=title, marks=marks)
+    return [html_path, png_path]
+
+
+if __name__ == "__main__":
+    main()

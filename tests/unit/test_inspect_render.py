@@ -1,0 +1,106 @@
+"""Credit pictures (rl/credit/render.py) and the `launch.inspect` tool end to end on a tiny model."""
+import json
+import re
+
+import pytest
+
+from rl.credit.render import credit_html, credit_page, credit_png
+
+TOKENS = ["<script>", "&", ">", " ", "a\n", "b"]
+VALUES = {"WAAD": [0.1, 2.5, -3.0, 7.25, 1e-07, 0.3333333333333333],
+          "FAI": [0.0, 0.0, 0.5, 0.0, 0.125, 0.0],
+          "γ": [1.0, 1.5, 1.0, 1.75, 1.0, 1.25]}
+MARKS = {"preplan": [True, False, False, True, False, False],
+         "anchor": [False, True, False, True, False, False]}
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_credit_html_escapes_tokens_and_has_one_span_per_token_per_statistic():
+    out = credit_html(TOKENS, VALUES, title="t <1>", marks=MARKS)
+    assert "<script>" not in out and "t <1>" not in out
+    assert "&lt;script&gt;" in out and "&amp;" in out and "&gt;" in out
+    assert out.count('class="cr-tok"') == len(TOKENS) * len(VALUES)
+    for name in VALUES:
+        assert f'data-stat="{name}"' in out
+    assert "⏎" in out and "<br>" in out and "·" in out  # whitespace stays visible
+    assert "preplan (2)" in out and "anchor (2)" in out  # the marks' legend
+
+
+def test_credit_html_tooltips_hold_the_exact_values():
+    out = credit_html(TOKENS, VALUES)
+    tips = re.findall(r'title="([^"]*)"', out)
+    assert len(tips) == len(TOKENS) * len(VALUES)
+    n = len(TOKENS)
+    for k, (name, vals) in enumerate(VALUES.items()):  # one block of spans per statistic
+        for v, tip in zip(vals, tips[k * n:(k + 1) * n]):
+            assert tip.endswith(f"{name} = {v!r}"), tip
+
+
+def test_credit_html_rejects_misaligned_inputs_and_page_wraps_fragments():
+    with pytest.raises(ValueError, match="WAAD"):
+        credit_html(["a", "b"], {"WAAD": [1.0]})
+    with pytest.raises(ValueError, match="anchor"):
+        credit_html(["a"], {"WAAD": [1.0]}, marks={"anchor": [True, False]})
+    page = credit_page([credit_html(["x"], {"γ": [1.0]})], title="a & b")
+    assert page.startswith("<!DOCTYPE html>") and "<title>a &amp; b</title>" in page
+    assert page.count('class="cr-tok"') == 1
+
+
+def test_credit_png_writes_a_png(tmp_path):
+    path = tmp_path / "c.png"
+    long_tokens = TOKENS * 25  # 150 cells: wraps over several lines
+    credit_png(long_tokens, {k: v * 25 for k, v in VALUES.items()}, path, title="t",
+               marks={k: v * 25 for k, v in MARKS.items()})
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    flat = tmp_path / "flat.png"  # a constant statistic and a NaN must not break the colour scale
+    credit_png(["a", "b"], {"γ": [1.0, 1.0], "FAI": [float("nan"), 0.0]}, flat)
+    assert flat.read_bytes().startswith(PNG_MAGIC)
+
+
+def _sections(html: str) -> set[str]:
+    return set(re.findall(r'data-stat="([^"]+)"', html))
+
+
+def test_inspect_generates_and_writes_pages(tiny_model_dir, tmp_path, capsys):
+    from launch.inspect import main
+
+    out = tmp_path / "out"
+    paths = main(["--checkpoint", tiny_model_dir, "--prompt", "Add.\n347+285\n", "--samples", "2",
+                  "--temperature", "1.0", "--max-new-tokens", "30", "--out", str(out)])
+    assert [p.name for p in paths] == ["sample_0.html", "sample_0.png", "sample_1.html", "sample_1.png"]
+    html = (out / "sample_0.html").read_text(encoding="utf-8")
+    assert _sections(html) == {"WAAD", "FAI", "γ"}
+    for needle in ("head groups", "local heads", "global heads", "parameters", "preplan", "anchor",
+                   "intro", "dominated", "2 response(s)", "Add.\n347+285\n"):
+        assert needle in html, needle
+    assert (out / "sample_0.png").read_bytes().startswith(PNG_MAGIC)
+    assert str(out / "sample_1.png") in capsys.readouterr().out
+
+
+def test_inspect_scores_a_given_response_from_a_trainer_output_dir(tiny_model_dir, tmp_path):
+    from launch.inspect import main
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        d = run / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (d / "hf").symlink_to(tiny_model_dir)
+    response = "7+5=12\n4+8+1=13\n3+2+1=6\n#### 632"
+    out = tmp_path / "out"
+    main(["--checkpoint", str(run), "--prompt", "Add.\n347+285\n", "--response", response,
+          "--strategy", "local_chunk", "--out", str(out)])
+    html = (out / "sample_0.html").read_text(encoding="utf-8")
+    assert "step_000002" in html  # the latest checkpoint
+    assert html.count('class="cr-tok"') == 3 * len(response)  # one char = one token
+
+
+def test_inspect_names_a_missing_checkpoint(tmp_path):
+    from launch.inspect import main
+
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="not an HF model folder"):
+        main(["--checkpoint", str(tmp_path), "--prompt", "x"])
