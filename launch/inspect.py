@@ -13,6 +13,8 @@ PNG per sample to read them token by token.
 PATH is an HF folder (config.json), a checkpoint step folder (hf/ inside), a checkpoints
 folder, or a trainer output dir (its latest checkpoint). As in training, the head groups
 (local / global) are chosen over the whole batch, i.e. over the `--samples` responses here.
+The credit parameters are the run's (its Hydra config) when PATH lies in a trainer output
+dir, else the defaults of `PreplanAnchorParams`.
 """
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if any(not r for r in responses):
             raise SystemExit("launch.inspect: a generated response is empty (raise --max-new-tokens)")
 
-    p = PreplanAnchorParams()
+    p = run_params(hf)
     spec = StatsSpec(distance=True, waad_window=p.waad_window, fai_band=tuple(p.fai_band))
     layers = args.layers if not args.layers[0].isdigit() else [int(x) for x in args.layers.split(",")]
     impl = "blockwise" if str(args.device).startswith("cpu") else "auto"
@@ -202,6 +204,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
         written += write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx)
         print("\n".join(str(x) for x in written[-2:]))
     return written
+
+
+def run_params(hf: Path):
+    """The credit parameters of the run that wrote this checkpoint (its Hydra config, when
+    the checkpoint sits in a trainer output dir and used a preplan/anchor strategy), else the
+    defaults — so the page shows the credit that run applied."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from rl.credit.preplan_anchor import PreplanAnchorParams
+
+    for parent in Path(hf).resolve().parents:
+        cfg_file = parent / "hydra" / ".hydra" / "config.yaml"
+        if cfg_file.is_file():
+            params = OmegaConf.to_container(OmegaConf.load(cfg_file).get("credit", {}).get("params", {}))
+            known = {f.name for f in dataclasses.fields(PreplanAnchorParams)}
+            return PreplanAnchorParams(**{k: v for k, v in (params or {}).items() if k in known})
+    return PreplanAnchorParams()
 
 
 def head_group_rows(stats: dict, trace, dist, n_responses: int) -> dict[str, str]:
