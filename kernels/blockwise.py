@@ -42,11 +42,42 @@ def _fused_ok(x: Tensor) -> bool:
     return FUSED and x.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def _whole_batch(layout: SeqLayout) -> bool:
+    """Padded rows that all start at index 0 (no padding, or right padding) are one dense
+    segment: a real query row never sees a padding key (it lies in its future), padding rows
+    are computed, kept out of FAI's rows (`_row_side`) and zeroed by the caller. One call
+    over the batch instead of a Python loop over rows (≈ 10× faster for short rows)."""
+    return not layout.packed and bool((layout.starts == 0).all())
+
+
+def _zero_padding_rows(layout: SeqLayout, *xs: Tensor) -> tuple[Tensor, ...]:
+    """For a right-padded whole batch: copies with padding rows set to 0, so that whatever the
+    padding slots hold (garbage, NaN) cannot reach real rows through the padding rows' own
+    attention (forward) or their output gradient (backward). Otherwise the inputs as they are."""
+    if not _whole_batch(layout) or bool((layout.lens == layout.n_storage).all()):
+        return xs
+    idx = torch.arange(layout.n_storage, device=layout.lens.device)
+    pad = (idx[None, :] >= layout.lens[:, None])[:, None, :, None]  # [B, 1, N, 1]
+    return tuple(x.masked_fill(pad.to(x.device), 0) for x in xs)
+
+
+def _row_side(layout: SeqLayout, spec: StatsSpec | None, sel) -> dict:
+    """Per-row side inputs of a segment: response_mask and, for a right-padded whole batch,
+    which rows are real tokens."""
+    side = {}
+    if spec is not None and spec.response_mask is not None:
+        side["response_mask"] = sel(spec.response_mask, "side")
+    if _whole_batch(layout) and not bool((layout.lens == layout.n_storage).all()):
+        idx = torch.arange(layout.n_storage, device=layout.lens.device)
+        side["row_valid"] = idx[None, :] < layout.lens[:, None]
+    return side
+
+
 def _segments(layout: SeqLayout):
     """Yield `select(x, kind)` functions mapping storage tensors to one dense causal
     segment: kind "tok" ([B,H,N,d] / [T,H,d] -> [b,H,n,d]), "stat" ([B,H,N,...] /
     [T,H,...] -> [b,H,n,...]) or "side" ([B,N] / [T] -> [b,n])."""
-    if not layout.packed and bool((layout.lens == layout.n_storage).all()):
+    if _whole_batch(layout):
         yield lambda x, kind: x
         return
     for s in range(layout.n_seqs):
@@ -67,6 +98,7 @@ def _expand_kv(x: Tensor, group: int) -> Tensor:
 def forward(q, k, v, layout: SeqLayout, scale: float, spec: StatsSpec | None, out, st: dict, col_pass: bool):
     """Fill `out` and the statistic tensors in `st` (lse always; others per spec;
     'fai_sum' only when col_pass)."""
+    q, k, v = _zero_padding_rows(layout, q, k, v)
     for sel in _segments(layout):
         qs, ks, vs = sel(q, "tok"), sel(k, "tok"), sel(v, "tok")
         lse = sel(st["lse"], "stat")
@@ -75,8 +107,9 @@ def forward(q, k, v, layout: SeqLayout, scale: float, spec: StatsSpec | None, ou
         lse.copy_(l)
         want = {n: sel(t, "stat") for n, t in st.items() if n != "lse" and (n != "fai_sum" or col_pass)}
         if want:
-            side = {n: sel(getattr(spec, n), "side") for n in ("key_classes", "response_mask")
-                    if getattr(spec, n) is not None}
+            side = _row_side(layout, spec, sel)
+            if spec.key_classes is not None:
+                side["key_classes"] = sel(spec.key_classes, "side")
             t0 = time.perf_counter()
             _stats(qs, ks, l, scale, spec, want, side)
             _charge_stats_time(time.perf_counter() - t0)
@@ -148,6 +181,8 @@ def _stats(q, k, lse, scale, spec: StatsSpec, want: dict, side: dict):
         fai.zero_()
         lo, hi = spec.fai_band[0], spec.fai_hi
         rows_ok = side["response_mask"].bool() if "response_mask" in side else torch.ones(b, n, dtype=torch.bool, device=dev)
+        if "row_valid" in side:
+            rows_ok = rows_ok & side["row_valid"].to(dev)
     jpos = torch.arange(n, device=dev, dtype=torch.float32)
     chunk = _chunk(b * hq, n)
     for r0 in range(0, n, chunk):
@@ -191,6 +226,7 @@ def _stats(q, k, lse, scale, spec: StatsSpec, want: dict, side: dict):
 
 def backward(do, q, k, v, out, lse, layout: SeqLayout, scale: float, spec: StatsSpec | None, dq, dk, dv, fai_sum):
     """Fill dq, dk, dv (and fai_sum when given: the FAI column statistic of the band)."""
+    do, q, k, v = _zero_padding_rows(layout, do, q, k, v)
     for sel in _segments(layout):
         qs, ks, vs = sel(q, "tok"), sel(k, "tok"), sel(v, "tok")
         l = sel(lse, "stat")
@@ -199,7 +235,7 @@ def backward(do, q, k, v, out, lse, layout: SeqLayout, scale: float, spec: Stats
         sel(dk, "tok").copy_(gk)
         sel(dv, "tok").copy_(gv)
         if fai_sum is not None:
-            side = {"response_mask": sel(spec.response_mask, "side")} if spec.response_mask is not None else {}
+            side = _row_side(layout, spec, sel)
             _stats(qs, ks, l, scale, spec, {"fai_sum": sel(fai_sum, "stat")}, side)
 
 

@@ -37,15 +37,25 @@ def register() -> str:
     return ATTN_NAME
 
 
-def install(model, impl: str = "auto") -> None:
+PLAIN = ("kernels", "sdpa")
+
+
+def install(model, impl: str = "auto", plain: str = "kernels") -> None:
     """Switch `model` (a PreTrainedModel, e.g. `engine.module` under DeepSpeed) to this
     attention. `impl` is used when no capture is active: "auto" | "blockwise" | "triton"
-    | "reference"."""
+    | "reference". `plain` is the attention of calls that record no statistics (training
+    forwards, unselected layers): "kernels" (ours, stats off) or "sdpa" (transformers'
+    SDPA — on CPU faster than our stats-off path; statistics still come from ours)."""
     global _default_impl
     resolve_impl(impl, torch.empty(0))  # validate the name early
+    if plain not in PLAIN:
+        raise ValueError(f"plain must be one of {PLAIN}, got {plain!r}")
     _default_impl = impl
     register()
     model.set_attn_implementation(ATTN_NAME)
+    for m in model.modules():
+        if hasattr(m, "layer_idx"):
+            m._kernels_plain = plain
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
@@ -54,7 +64,9 @@ def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, 
 
     if attention_mask is not None and attention_mask.dim() == 2:
         q_len, kv_len = query.shape[2], key.shape[2]
-        causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+        causal = kwargs.get("is_causal")
+        if causal is None:  # transformers passes is_causal=None for "the module decides"
+            causal = getattr(module, "is_causal", True)
         m = attention_mask[:, None, None, -kv_len:].bool()
         if causal:
             i = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
@@ -94,6 +106,9 @@ def stats_attention_forward(
     # a forward re-run inside the backward (gradient checkpointing) records nothing: the
     # original forward's statistics stand (and its deferred FAI is what the backward fills)
     recording = cap is not None and cap.selects(layer) and not _in_backward()
+    if not recording and getattr(module, "_kernels_plain", "kernels") == "sdpa":
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal=is_causal,
+                              **kwargs)
     impl = cap.impl if cap is not None else _default_impl
 
     cu = _packed_cu_seqlens(query, attention_mask, kwargs)

@@ -108,6 +108,9 @@ class LearnerConfig:
     # method reads attention statistics, else sdpa
     attention: str = "auto"
     attn_impl: str = "auto"           # auto (triton on GPU, blockwise on CPU) | blockwise | triton
+    # With kernels: attention of forwards that record no statistics (training, other layers):
+    # sdpa (faster on CPU) | kernels (ours with statistics off)
+    plain_attention: str = "sdpa"
     stats_layers: str = "middle:5"    # layers whose statistics are captured: all | middle:n
     num_cpus_per_rank: float = 0.5
     torch_threads: int = 1
@@ -172,6 +175,7 @@ VALID_CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "learner.attention": ("auto", "sdpa", "kernels"),
     "learner.attn_impl": ("auto", "blockwise", "triton", "reference"),
+    "learner.plain_attention": ("sdpa", "kernels"),
 }
 
 

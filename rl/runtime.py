@@ -64,6 +64,7 @@ def engine_config(cfg, model_path: str, lr: float, minibatch_size: int,
         micro_batch_size=lc.micro_batch_size, dtype=cfg.model.dtype,
         gradient_checkpointing=lc.gradient_checkpointing, ref_model_path=ref_model_path,
         backend=lc.backend, seed=cfg.seed, attention=learner_attention(cfg), attn_impl=lc.attn_impl,
+        plain_attention=lc.plain_attention,
         stats_layers=lc.stats_layers)
     return with_accum(base, minibatch_size, lc.num_ranks)
 

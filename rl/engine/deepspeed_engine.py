@@ -46,6 +46,9 @@ class DSEngineConfig:
     # (auto = Triton on GPU, blockwise PyTorch on CPU).
     attention: str = "sdpa"
     attn_impl: str = "auto"
+    # with "kernels": the attention of forwards that capture no statistics (training,
+    # unselected layers) — "sdpa" (faster on CPU) or "kernels" (ours, stats off)
+    plain_attention: str = "sdpa"
     stats_layers: str = "middle:5"
 
 
@@ -81,7 +84,7 @@ class DeepSpeedEngine(TrainEngine):
         if cfg.attention == "kernels":
             from kernels import install
 
-            install(model, impl=cfg.attn_impl)
+            install(model, impl=cfg.attn_impl, plain=cfg.plain_attention)
         elif cfg.attention != "sdpa":
             raise ValueError(f"attention must be 'sdpa' or 'kernels', got {cfg.attention!r}")
         ds_config = {

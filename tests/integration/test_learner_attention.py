@@ -13,8 +13,10 @@ STATS = {"entropy": True, "distance": True, "waad_window": 4, "fai_band": [2, 8]
 
 @pytest.fixture(scope="module")
 def learners(ray_session, tiny_model_dir):
+    # plain_attention="kernels": training forwards/backwards run through our kernels too
     fused = LearnerGroup(DSEngineConfig(tiny_model_dir, lr=3e-3, attention="kernels",
-                                        attn_impl="blockwise", stats_layers="all"))
+                                        attn_impl="blockwise", stats_layers="all",
+                                        plain_attention="kernels"))
     stock = LearnerGroup(DSEngineConfig(tiny_model_dir, lr=3e-3))
     yield fused, stock
     fused.shutdown()

@@ -231,3 +231,35 @@ def test_capture_grad_mass_for_cold_start_loss(model):
     assert m.model.layers[2].self_attn.v_proj.weight.grad is None  # mass does not depend on v
     with pytest.raises(ValueError):
         AttentionCapture(m, layers=[1], spec=StatsSpec(), grad_mass=True)
+
+
+def test_plain_sdpa_routes_only_unrecorded_calls_to_sdpa(monkeypatch):
+    """install(plain="sdpa"): calls that record no statistics go to transformers' SDPA, the
+    recorded layers to our kernels — and the logits are the same either way."""
+    import kernels.hf_hook as hook
+    from kernels import AttentionCapture, StatsSpec
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, 9:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=am).logits
+    hook.install(model, impl="blockwise", plain="sdpa")
+    calls = []
+    real = hook.attention
+    monkeypatch.setattr(hook, "attention", lambda *a, **kw: calls.append(kw.get("stats")) or real(*a, **kw))
+    cap = AttentionCapture(model, layers=[1], spec=StatsSpec(distance=True), impl="blockwise")
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=am).logits
+        assert calls == []  # no capture: every layer ran SDPA
+        with cap() as st:
+            got = model(input_ids=ids, attention_mask=am).logits
+    assert len(calls) == 1 and calls[0] is not None and list(st) == [1]
+    real_rows = am.bool()
+    assert torch.allclose(plain[real_rows], want[real_rows], atol=1e-5)
+    assert torch.allclose(got[real_rows], want[real_rows], atol=1e-5)
