@@ -146,7 +146,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     name: str = "default"
     seed: int = 0
-    steps: int = 100
+    steps: int = 150
     eval_every: int = 25
     save_every: int = 20
     keep_last: int = 2
