@@ -22,6 +22,7 @@ why the padded case is sliced per row instead of masked.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -121,7 +122,8 @@ def _charge_stats_time(seconds: float) -> None:
 
     cap = active_capture()
     if cap is not None and cap._result is not None:
-        cap._result.stats_seconds += seconds
+        r = cap._result
+        r.stats_seconds = seconds if math.isnan(r.stats_seconds) else r.stats_seconds + seconds
 
 
 def _out_lse(q, k, v, scale):

@@ -74,8 +74,9 @@ class CapturedStats(dict):
         super().__init__()
         self.grad_mass: dict[int, Tensor] = {}
         # Seconds spent in statistics passes the backend can time apart from the attention
-        # itself (the blockwise CPU path; the fused Triton kernels have no separate pass).
-        self.stats_seconds = 0.0
+        # itself (the blockwise CPU path). NaN when statistics came from a backend without a
+        # separate pass (the fused Triton kernels: measure those with the benchmark instead).
+        self.stats_seconds = float("nan")
 
     def stack(self, name: str) -> Tensor:
         """One statistic of all captured layers, stacked on a new leading layer axis."""

@@ -42,12 +42,18 @@ def print_summary(summary: dict, cfg) -> None:
         f"{summary['cold_start_accuracy_sampled']:.3f} sampled",
         f"held-out accuracy, final policy     : {summary['final_accuracy']:.3f} greedy, "
         f"{summary['final_accuracy_sampled']:.3f} sampled",
-        f"credit '{summary['credit']}': attention statistics + credit = "
-        f"{100 * summary['credit_share_of_step']:.1f}% of step time",
+        credit_line(summary),
         f"cold start {summary['cold_start_s']:.0f} s, actors {summary['actors_start_s']:.0f} s, "
         f"RL loop {summary['rl_wall_s']:.0f} s; outputs in {cfg.output_dir}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def credit_line(summary: dict) -> str:
+    share = summary["credit_share_of_step"]
+    what = (f"{100 * share:.1f}% of step time" if share == share
+            else "not timed apart (fused GPU kernels: see benchmarks/)")
+    return f"credit '{summary['credit']}': attention statistics + credit = {what}"
 
 
 if __name__ == "__main__":

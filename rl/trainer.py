@@ -303,7 +303,7 @@ class Trainer:
                    disable=not cfg.logger.progress, dynamic_ncols=True)
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
-        shares = []
+        shares = []  # NaN where the statistics pass cannot be timed apart (fused GPU kernels)
         for step in bar:
             metrics = self.train_step(step)
             shares.append(metrics["time/credit_share"])
@@ -332,7 +332,7 @@ class Trainer:
                    "steps": self.step,
                    "credit": self.cfg.credit.name,
                    # statistics pass + γ, as a share of step time (mean over this run's steps)
-                   "credit_share_of_step": float(np.mean(shares)) if shares else float("nan"),
+                   "credit_share_of_step": float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)
