@@ -24,6 +24,9 @@ METRICS = (("eval/accuracy", "greedy"), ("eval/accuracy_sampled", "sampled"))
 def load_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
     runs: dict[str, dict[int, list[dict]]] = {}
     for f in sorted(root.glob("*/seed*/metrics.jsonl")):
+        if not (f.parent / "summary.json").exists():
+            print(f"skipping {f.parent}: not finished (no summary.json)")
+            continue
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         runs.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = rows
     return runs
