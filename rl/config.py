@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from rl.tiny_model import TinyModelSpec
+from rollout.vllm_engine import scheduling_args
 
 
 @dataclass
@@ -95,6 +96,11 @@ class RolloutConfig:
     num_cpus_per_engine: float = 0.5
     eval_temperature: float = 0.0     # 0 = greedy held-out evaluation
     eval_samples: int = 4             # sampled responses per held-out problem (0 = skip)
+    # Engine scheduling (rollout/vllm_engine.py scheduling_args); None = per-device default:
+    # chunked prefill off on CPU (seeded sampling cannot survive a split prefill there), on on GPU.
+    chunked_prefill: Optional[bool] = None
+    max_num_batched_tokens: Optional[int] = None  # tokens per engine step; CPU: max(4096, max_model_len)
+    max_num_seqs: Optional[int] = None            # sequences per engine step; None = vLLM's 256
 
 
 @dataclass
@@ -201,10 +207,27 @@ def check_config(cfg) -> None:
         raise ValueError("rollout.num_engines must not exceed algorithm.prompts_per_step")
     if a.n_samples < 2:
         raise ValueError("algorithm.n_samples must be >= 2 for group baselines")
+    check_rollout(cfg)
     credit = build_credit(cfg)  # unknown method or parameter: named here
     if credit.stats_request() and lr.attention == "sdpa":
         raise ValueError(f"credit={cfg.credit.name} reads attention statistics: learner.attention "
                          "must be kernels (or auto), not sdpa")
+
+
+def check_rollout(cfg) -> None:
+    """Engine settings that would only fail inside the engine actor, checked here first.
+    A local run's engines share the driver's device; on a cluster they are re-checked where
+    they start."""
+    import torch
+
+    from rl.runtime import engine_config
+
+    r = cfg.rollout
+    if r.max_new_tokens < 1 or r.max_new_tokens >= r.max_model_len:
+        raise ValueError(f"rollout.max_new_tokens={r.max_new_tokens} must be in "
+                         f"[1, rollout.max_model_len={r.max_model_len})")
+    on_gpu = torch.cuda.is_available() if cfg.cluster.address is None else True
+    scheduling_args(engine_config(cfg, "<model>", seed=0), on_gpu)
 
 
 def build_credit(cfg):

@@ -42,20 +42,23 @@ def init_ray(cluster) -> None:
              log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
 
 
+def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:
+    r = cfg.rollout
+    return EngineConfig(
+        model_path=model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+        enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+        seed=seed, chunked_prefill=r.chunked_prefill,
+        max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs)
+
+
 def start_engines(cfg, model_path: str) -> list:
     r = cfg.rollout
     remote = ray.remote(num_cpus=r.num_cpus_per_engine)(VLLMEngine)
-    engines = [
-        remote.remote(EngineConfig(
-            model_path=model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
-            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
-            seed=cfg.seed + i))
-        for i in range(r.num_engines)
-    ]
-    return engines
+    return [remote.remote(engine_config(cfg, model_path, cfg.seed + i))
+            for i in range(r.num_engines)]
 
 
-def engine_config(cfg, model_path: str, lr: float, minibatch_size: int,
+def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
                   ref_model_path: str | None = None) -> DSEngineConfig:
     lc = cfg.learner
     base = DSEngineConfig(
@@ -72,7 +75,7 @@ def engine_config(cfg, model_path: str, lr: float, minibatch_size: int,
 def start_learner(cfg, model_path: str, lr: float, minibatch_size: int,
                   ref_model_path: str | None = None) -> LearnerGroup:
     lc = cfg.learner
-    return LearnerGroup(engine_config(cfg, model_path, lr, minibatch_size, ref_model_path),
+    return LearnerGroup(learner_config(cfg, model_path, lr, minibatch_size, ref_model_path),
                         num_ranks=lc.num_ranks, num_cpus_per_rank=lc.num_cpus_per_rank,
                         torch_threads=lc.torch_threads)
 

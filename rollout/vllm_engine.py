@@ -19,6 +19,51 @@ class EngineConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.1
     seed: int = 0
+    # Scheduling; None = the per-device default chosen by `scheduling_args`.
+    chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+
+
+# vLLM's own default token budget per engine step on CPU (and its floor on GPU).
+CPU_MAX_NUM_BATCHED_TOKENS = 4096
+
+
+def scheduling_args(cfg: EngineConfig, on_gpu: bool) -> dict:
+    """The engine's scheduler settings for this device, as `vllm.LLM` keyword arguments.
+
+    CPU: chunked prefill OFF. With it on, a prompt whose prefill does not fit the step's token
+    budget is split across engine steps; the token sampled after a partial chunk is thrown
+    away and vLLM rewinds that request's seeded generator (`gen.set_offset(offset - 4)` in
+    `gpu_model_runner._bookkeeping_sync`). Only CUDA's Philox generators have an offset; a CPU
+    generator raises "CPU Generator does not use offset" and kills the engine core. Every
+    rollout here is seeded per prompt (that is what makes `resume=true` exact), so any step
+    whose prompts exceed the budget (GSM8K-length prompts, or 200 short ones × n samples)
+    would crash. Without chunking a prompt is prefilled in one step, so the budget must hold
+    the longest prompt: at least `max_model_len`.
+    GPU: vLLM's defaults (chunked prefill on, its own budget): Philox generators rewind.
+    """
+    chunked = cfg.chunked_prefill if cfg.chunked_prefill is not None else on_gpu
+    if chunked and not on_gpu:
+        raise ValueError(
+            "rollout.chunked_prefill=true is not supported on CPU: vLLM-CPU cannot rewind the "
+            "seeded sampler of a prompt split across steps (engine crash 'CPU Generator does "
+            "not use offset'); leave it null (off on CPU, on on GPU) or set it false")
+    budget = cfg.max_num_batched_tokens
+    if budget is None and not on_gpu:
+        budget = max(CPU_MAX_NUM_BATCHED_TOKENS, cfg.max_model_len)
+    if budget is not None and not chunked and budget < cfg.max_model_len:
+        raise ValueError(
+            f"rollout.max_num_batched_tokens={budget} is below rollout.max_model_len="
+            f"{cfg.max_model_len}: without chunked prefill a whole prompt must fit one step")
+    if cfg.max_num_seqs is not None and cfg.max_num_seqs < 1:
+        raise ValueError(f"rollout.max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
+    args = {"enable_chunked_prefill": chunked}
+    if budget is not None:
+        args["max_num_batched_tokens"] = budget
+    if cfg.max_num_seqs is not None:
+        args["max_num_seqs"] = cfg.max_num_seqs
+    return args
 
 
 @dataclass
@@ -32,6 +77,7 @@ class VLLMEngine:
     def __init__(self, cfg: EngineConfig, transport: str = "safetensors"):
         # Built here, not at import: vLLM spawns workers (ENVIRONMENT.md trap 4).
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        import torch
         from vllm import LLM
 
         from rollout.vllm_internals import WORKER_EXTENSION
@@ -48,6 +94,7 @@ class VLLMEngine:
             seed=cfg.seed,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            **scheduling_args(cfg, on_gpu=torch.cuda.is_available()),
         )
         self.weight_version = 0
         self.start_s = time.perf_counter() - t0
