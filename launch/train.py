@@ -25,6 +25,7 @@ log = logging.getLogger("launch.train")
 def main(cfg: DictConfig) -> dict:
     from rl.trainer import Trainer
 
+    sweep_job_output_dir(cfg)
     trainer = Trainer(cfg)
     try:
         summary = trainer.run()
@@ -32,6 +33,23 @@ def main(cfg: DictConfig) -> dict:
         trainer.close()
     print_summary(summary, cfg)
     return summary
+
+
+def sweep_job_output_dir(cfg: DictConfig) -> None:
+    """In a `-m` sweep, each job writes to its own Hydra job folder (outputs/multirun/<name>/<n>)
+    unless output_dir was set: the default `outputs/<name>/seed<seed>` would put e.g.
+    `-m credit=a,b` into one folder, the second job pruning the first one's checkpoints."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from rl.config import TrainConfig
+
+    hc = HydraConfig.get()
+    default = cfg._get_node("output_dir")._value() == TrainConfig.output_dir
+    if hc.mode == RunMode.MULTIRUN and default:
+        with open_dict(cfg):
+            cfg.output_dir = hc.runtime.output_dir
 
 
 def print_summary(summary: dict, cfg) -> None:

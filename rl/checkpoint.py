@@ -55,3 +55,39 @@ class CheckpointManager:
     def load_state(ckpt: Path) -> dict:
         with open(ckpt / "trainer_state.json") as f:
             return json.load(f)
+
+
+# What makes two runs the same run: a resumed run may change its length, logging and
+# evaluation, not what it trains (these keys), or its checkpoints would not fit it.
+RUN_IDENTITY = ("seed", "model", "task", "cold_start", "credit", "reward", "algorithm.advantage",
+                "algorithm.std_normalize", "algorithm.n_samples", "algorithm.prompts_per_step",
+                "learner.num_ranks", "learner.zero_stage")
+
+
+def _flat(d, prefix=""):
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_same_run(saved_config: Path, config: dict) -> None:
+    """Before resuming: the output dir's run (its config.yaml) must be this command's run.
+    Raises naming the keys that differ, instead of loading one run's state into another."""
+    from omegaconf import OmegaConf
+
+    if not saved_config.exists():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=True)
+    old, new = _flat(saved), _flat(config)
+    differ = sorted(k for k in set(old) | set(new)
+                    if any(k == i or k.startswith(i + ".") for i in RUN_IDENTITY)
+                    and old.get(k) != new.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in differ[:6])
+        raise ValueError(
+            f"resume=true: {saved_config.parent} holds a different run ({shown}). Repeat that "
+            f"run's settings (its config.yaml) to continue it, or start a new run with another "
+            f"name= or output_dir=.")

@@ -44,6 +44,18 @@ def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "")
     return EncodedPrompt(sample, list(enc["input_ids"]), classes)
 
 
+def check_prompt_lengths(prompts: list[EncodedPrompt], max_model_len: int) -> None:
+    """A prompt must leave the engine room for at least one response token; vLLM would
+    otherwise refuse it in the middle of a step. Names the row so the data can be fixed."""
+    for p in prompts:
+        if len(p.ids) >= max_model_len:
+            s = p.sample
+            where = f"{s.meta['source']}:{s.meta['line']}" if "line" in s.meta else s.uid
+            raise ValueError(
+                f"{where}: prompt is {len(p.ids)} tokens, rollout.max_model_len={max_model_len} "
+                f"leaves no room for a response; raise rollout.max_model_len or drop the row")
+
+
 def pad_rows(rows: list[list], value, dtype) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=dtype)

@@ -24,11 +24,11 @@ from rewards import RewardItem, RewardPool, summarize
 from rl.algorithms.advantages import compute_advantages
 from rl.algorithms.losses import PolicyLossConfig
 from rl.batch import RolloutBatch
-from rl.checkpoint import CheckpointManager
-from rl.cold_start import load_tokenizer, run_cold_start
+from rl.checkpoint import CheckpointManager, check_same_run
+from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
 from rl.config import build_credit, check_config
 from rl.credit.render import credit_html
-from rl.data import collate_rollouts, encode_prompt, train_samples_at
+from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
 from rl.runtime import init_ray, start_engines, start_learner, wait_ready
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
@@ -60,20 +60,30 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         # Built before any actor: a bad task parameter fails here, cheaply.
         self.task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
+        if self.task.num_samples("test") == 0:
+            raise ValueError(f"task {cfg.task.name!r} has no held-out problems to evaluate on "
+                             "(see its test_path / heldout_frac parameters)")
         self.loss_cfg = PolicyLossConfig(
             clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
             tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg)
         self.credit = build_credit(cfg)
         self.stats_request = self.credit.stats_request()
+        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
+        resume_from = self.ckpts.latest() if cfg.resume else None
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        if resume_from is not None:
+            check_same_run(self.out / "config.yaml", run_config)
+        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
+        self.tok = load_tokenizer(base_model_path(cfg, Path(cfg.cache_dir)))
+        for split in ("train", "test"):  # a finite data set is checked whole, before any actor
+            if self.task.num_samples(split) is not None:
+                self.encode(self.task.dataset(split))
         init_ray(cfg.cluster)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.policy_init = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
         self.timings["cold_start_s"] = time.perf_counter() - t0
-        self.tok = load_tokenizer(self.policy_init)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
-        resume_from = self.ckpts.latest() if cfg.resume else None
 
         t0 = time.perf_counter()
         self.engines = start_engines(cfg, self.policy_init)
@@ -92,13 +102,15 @@ class Trainer:
             self.learner.sync_weights(self.engines, self.step)
             log.info("resumed from %s (step %d)", resume_from, self.step)
         self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
-        self.tracker = Tracker(cfg, self.out, OmegaConf.to_container(cfg, resolve=True),
+        self.tracker = Tracker(cfg, self.out, run_config,
                                resume_step=self.step if resume_from is not None else None)
 
     # --- data -------------------------------------------------------------------------------
     def encode(self, samples):
         m = self.cfg.model
-        return [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
+        prompts = [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
+        check_prompt_lengths(prompts, self.cfg.rollout.max_model_len)
+        return prompts
 
     def generate(self, prompts, n: int, temperature: float, seeds=None):
         """Split prompts over the engines; results come back in prompt order."""

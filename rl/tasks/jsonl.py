@@ -144,6 +144,13 @@ class JsonlTask(Task):
             flags = [is_heldout(self.name, _canon(r.prompt), self.heldout_frac) for r in train]
             test = [r for r, held in zip(train, flags) if held]
             train = [r for r, held in zip(train, flags) if not held]
+            if not test and self.heldout_frac > 0:
+                raise DatasetError(
+                    f"{self.path}: heldout_frac={self.heldout_frac} of its {len(train)} rows "
+                    f"holds out none, so there is nothing to evaluate on; pass test_path= or "
+                    f"a larger heldout_frac")
+        if not train:
+            raise DatasetError(f"{self.path}: every row is also in {self.test_path}; no train rows")
         self._splits = {TRAIN: train, TEST: test}
 
     def num_samples(self, split: str) -> Optional[int]:

@@ -135,3 +135,22 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path):
     pq.write_table(pa.table({"question": ["q1", "q2"], "answer": ["#### 1", "#### 2"]}), path)
     task = get_task("gsm8k", path=str(path), heldout_frac=0.0)
     assert sorted(s.answer for s in task.dataset("train")) == ["1", "2"]
+
+
+def test_a_split_that_holds_out_nothing_fails_at_start(tmp_path):
+    """A hash split can hold out none of a few rows (the shipped 5-row sample at 0.1 did): nothing to
+    evaluate on is an error at start-up, not NaN accuracies after the run."""
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"#### {i}"}) + "\n"
+                            for i in range(5)))
+    with pytest.raises(DatasetError, match=r"few.jsonl: heldout_frac=0.001 of its 5 rows holds out none"):
+        get_task("gsm8k", path=str(path), heldout_frac=0.001)
+    with pytest.raises(DatasetError, match="no train rows"):
+        get_task("gsm8k", path=str(path), test_path=str(path))
+
+
+def test_shipped_samples_have_held_out_files():
+    for name, n_test in (("gsm8k", 4), ("math", 3)):
+        task = get_task(name, path=f"data/{name}_sample.jsonl",
+                        test_path=f"data/{name}_sample_test.jsonl")
+        assert (task.num_samples("train"), task.num_samples("test")) == (5, n_test)
