@@ -139,6 +139,9 @@ class LearnerGroup:
     def export_hf(self, path: str) -> None:
         self._all("export_hf", path)
 
+    def optimizer_steps(self) -> int:
+        return self._all("optimizer_steps")[0]  # the same on every rank
+
     def optimizer_state_digest(self) -> float:
         return float(sum(self._all("optimizer_state_digest")))
 

@@ -185,13 +185,7 @@ class DeepSpeedEngine(TrainEngine):
                     metrics[k] = metrics.get(k, 0.0) + v * n
                 metrics["_tokens"] = metrics.get("_tokens", 0.0) + n
             if i == len(micro_batches) - 1 and not finite:
-                # Weights must not move: DeepSpeed's step runs (its state machine needs it)
-                # at lr 0, on the zero gradients left by the dropped micro-batches.
-                lrs = [g["lr"] for g in self.optimizer.param_groups]
-                self.set_lr(0.0)
-                self.engine.step()
-                for g, lr in zip(self.optimizer.param_groups, lrs):
-                    g["lr"] = lr
+                self._skip_step()
             else:
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
         if not finite:
@@ -203,6 +197,30 @@ class DeepSpeedEngine(TrainEngine):
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
         out["skipped"] = 0.0
         return out
+
+    def _skip_step(self):
+        """A skipped minibatch leaves no trace. DeepSpeed's step still runs (its state machine
+        needs it), at lr 0 so the weights stay; but Adam's step would still advance its step
+        count, decay its moments and fold in the gradients it holds (those of micro-batches
+        backwarded before the non-finite one), so this rank's optimizer state is put back."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        saved = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                 for p, st in opt.state.items()}
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.set_lr(0.0)
+        self.engine.step()
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        for p in list(opt.state):
+            if p not in saved:  # state created by this step (a skip before any real step)
+                del opt.state[p]
+                continue
+            st = opt.state[p]
+            for k, v in saved[p].items():
+                if torch.is_tensor(v) and torch.is_tensor(st.get(k)):
+                    st[k].copy_(v)
+                else:
+                    st[k] = v
 
     def _micro_loss(self, b, loss, loss_cfg, normaliser, temperature):
         need_ent = loss == "policy" and loss_cfg.entropy_coef > 0
@@ -254,6 +272,10 @@ class DeepSpeedEngine(TrainEngine):
             path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (DeepSpeed's count; one per minibatch, skips included)."""
+        return int(self.engine.global_steps)
 
     def optimizer_state_digest(self) -> float:
         """Σ|exp_avg| over this rank's optimizer state: lets tests see it was restored."""

@@ -42,18 +42,34 @@ def test_deepspeed_steps_lower_the_loss(learner):
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_nan_loss_skips_the_step_and_weights_stay(learner):
+def policy_batch(b, logprobs, poisoned_row=None):
+    """A policy-loss minibatch at the current weights (ratio 1), advantage +1 on every token;
+    with `poisoned_row`, one response token of that row gets a NaN advantage."""
+    adv = torch.ones_like(logprobs)
+    if poisoned_row is not None:
+        assert b["response_mask"][poisoned_row, 8]
+        adv[poisoned_row, 8] = float("nan")
+    return {**b, "old_logprobs": logprobs.clone(), "advantages": adv, "sampler_logprobs": logprobs.clone()}
+
+
+# One rank, grad_accum_steps=2 over 4 rows: LearnerGroup.train_minibatch gives micro-batch 0 =
+# rows 0-1 and micro-batch 1 = rows 2-3 (np.array_split). Row 1 poisons the first micro-batch
+# (nothing was backwarded yet); row 3 the second, after micro-batch 0's gradient is already
+# accumulated — the skip must drop that gradient too.
+@pytest.mark.parametrize("poisoned_row", [1, 3], ids=["first_micro_batch", "later_micro_batch"])
+def test_nan_loss_skips_the_step_and_weights_stay(learner, poisoned_row):
     b = sft_batch()
     score_in = {k: b[k] for k in ("input_ids", "attention_mask")}
     before = learner.score(score_in, 1.0)["logprobs"]
-    old = before.clone()
-    adv = torch.ones_like(before)
-    adv[1, 8] = float("nan")  # one poisoned token in the second micro-batch
-    batch = {**b, "old_logprobs": old, "advantages": adv, "sampler_logprobs": old}
+    digest = learner.optimizer_state_digest()
+    assert digest > 0  # earlier tests stepped: Adam has moments a bad skip would change
+    batch = policy_batch(b, before, poisoned_row)
     m = learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
-    assert m["skipped"] == 1.0 and math.isnan(m["loss"])
+    assert m == {"skipped": 1.0, "loss": pytest.approx(float("nan"), nan_ok=True)}
     after = learner.score(score_in, 1.0)["logprobs"]
     assert torch.equal(before, after)
+    # the skipped minibatch leaves no trace in the optimizer either (moments, step count)
+    assert learner.optimizer_state_digest() == digest
     # and the learner still trains afterwards
     batch["advantages"] = torch.ones_like(before)
     m = learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
@@ -66,3 +82,67 @@ def test_nan_loss_skips_the_step_and_weights_stay(learner):
     batch["old_logprobs"] = batch["sampler_logprobs"] = moved
     learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
     assert learner.score(score_in, 1.0)["logprobs"][resp].sum() < moved[resp].sum()
+
+
+def test_a_skipped_minibatch_leaves_no_trace(learner, tmp_path):
+    """Skip (NaN in the later micro-batch, after micro-batch 0 was backwarded), then a clean
+    step: exactly the weights of the clean step alone from the same checkpoint — nothing of
+    the skipped minibatch (its partial gradient, a moment decay, a step count) survives."""
+    b = sft_batch()
+    score_in = {k: b[k] for k in ("input_ids", "attention_mask")}
+    start = learner.score(score_in, 1.0)["logprobs"]
+    clean = policy_batch(b, start)
+    learner.save(str(tmp_path / "ckpt"))
+    assert learner.train_minibatch(clean, "policy", PolicyLossConfig(), "token_mean")["skipped"] == 0.0
+    want = learner.score(score_in, 1.0)["logprobs"]
+    assert not torch.equal(want, start)
+    learner.load(str(tmp_path / "ckpt"))
+    assert torch.equal(learner.score(score_in, 1.0)["logprobs"], start)
+    m = learner.train_minibatch(policy_batch(b, start, poisoned_row=3), "policy", PolicyLossConfig(),
+                                "token_mean")
+    assert m["skipped"] == 1.0
+    assert learner.train_minibatch(clean, "policy", PolicyLossConfig(), "token_mean")["skipped"] == 0.0
+    assert torch.equal(learner.score(score_in, 1.0)["logprobs"], want)
+
+
+@pytest.fixture(scope="module")
+def learner2(ray_session, tiny_model_dir):
+    """Two ranks × grad_accum_steps=2 over 4 rows: rank 0 trains rows 0 | 1, rank 1 rows 2 | 3."""
+    lg = LearnerGroup(DSEngineConfig(tiny_model_dir, lr=3e-3, zero_stage=2,
+                                     grad_accum_steps=2, micro_batch_size=1), num_ranks=2)
+    yield lg
+    lg.shutdown()
+
+
+def scores_per_rank(lg, score_in):
+    """Every rank scores all 4 rows (8 rows = the batch twice; rank r gets copy r): [2, 4, T]."""
+    twice = {k: torch.cat([v, v]) for k, v in score_in.items()}
+    return lg.score(twice, 1.0)["logprobs"].view(2, *score_in["input_ids"].shape)
+
+
+# Row 3: only rank 1's second micro-batch is NaN (rank 0's shard is clean, and both ranks have
+# backwarded micro-batch 0). Row 0: only rank 0's first micro-batch. Either way the all-reduced
+# decision must make both ranks skip, in lockstep (a rank that stepped alone would also hang).
+@pytest.mark.parametrize("poisoned_row", [3, 0], ids=["rank1_later_micro_batch", "rank0_first_micro_batch"])
+def test_nan_on_one_rank_skips_on_every_rank(learner2, poisoned_row):
+    b = sft_batch()
+    score_in = {k: b[k] for k in ("input_ids", "attention_mask")}
+    resp = b["response_mask"]
+    warm = learner2.score(score_in, 1.0)["logprobs"]
+    m = learner2.train_minibatch(policy_batch(b, warm), "policy", PolicyLossConfig(), "token_mean")
+    assert m["skipped"] == 0.0  # a clean step first, so Adam has moments to protect
+    before = scores_per_rank(learner2, score_in)
+    assert torch.equal(before[0], before[1])  # the ranks hold the same weights
+    digest = learner2.optimizer_state_digest()
+    m = learner2.train_minibatch(policy_batch(b, before[0], poisoned_row), "policy",
+                                 PolicyLossConfig(), "token_mean")
+    assert m["skipped"] == 1.0 and math.isnan(m["loss"])  # mean over ranks: both skipped
+    after = scores_per_rank(learner2, score_in)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert learner2.optimizer_state_digest() == digest
+    # both ranks still train, together
+    m = learner2.train_minibatch(policy_batch(b, after[0]), "policy", PolicyLossConfig(), "token_mean")
+    assert m["skipped"] == 0.0 and math.isfinite(m["loss"])
+    moved = scores_per_rank(learner2, score_in)
+    assert torch.equal(moved[0], moved[1])
+    assert moved[0][resp].sum() > after[0][resp].sum()

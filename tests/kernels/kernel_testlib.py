@@ -27,6 +27,7 @@ class Case:
     cu_seqlens: torch.Tensor | None
     attention_mask: torch.Tensor | None
     spec: StatsSpec
+    gen: torch.Generator  # the CPU generator the case was drawn from; later draws for it too
 
     @property
     def kw(self):
@@ -37,12 +38,31 @@ class Case:
         return self.q.shape[0] if self.cu_seqlens is not None else self.q.shape[0] * self.q.shape[2]
 
 
-def make_case(*, layout="packed", lens=(1, 17, 45), hq=4, group=2, d=32, dtype=torch.float32, logit_scale=1.0,
-              waad=5, band=(3, 20), n_classes=3, response=True, device=DEV, seed=None) -> Case:
-    """Fresh random case (never zeros). Packed: sequences of `lens`; padded: one row per
-    length, alternately right- and left-padded to max(lens)."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
+def randn_as(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like `x` (its dtype and device), drawn from the CPU `gen`."""
+    return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+
+
+def seeded_model(build, gen: torch.Generator, std: float = 0.02) -> torch.nn.Module:
+    """`build()` (a transformers model), with every matrix (linear, embedding) redrawn from
+    `gen` with the models' own N(0, initializer_range) init; vectors (norm weights: ones) are
+    not random. The constructor's own init draws from the global RNG: it runs inside
+    fork_rng, so the global stream is left as it was, and its values are all overwritten."""
+    with torch.random.fork_rng(devices=[]):
+        model = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, 0.0, std, generator=gen)
+    return model
+
+
+def make_case(gen: torch.Generator, *, layout="packed", lens=(1, 17, 45), hq=4, group=2, d=32, dtype=torch.float32,
+              logit_scale=1.0, waad=5, band=(3, 20), n_classes=3, response=True, device=DEV) -> Case:
+    """Random case (never zeros) drawn from the CPU generator `gen` (the test's `gen` fixture).
+    Packed: sequences of `lens`; padded: one row per length, alternately right- and
+    left-padded to max(lens)."""
+    g = gen
     hkv = hq // group
     rnd = lambda *s: torch.randn(*s, generator=g)
     if layout == "packed":
@@ -69,7 +89,7 @@ def make_case(*, layout="packed", lens=(1, 17, 45), hq=4, group=2, d=32, dtype=t
                      fai_band=band, response_mask=resp)
     to = lambda x: None if x is None else x.to(device)
     spec = spec.replace(key_classes=to(classes), response_mask=to(resp))
-    return Case(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), to(cu), to(am), spec)
+    return Case(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), to(cu), to(am), spec, g)
 
 
 def valid_rows(case: Case) -> torch.Tensor:
@@ -153,7 +173,7 @@ def check_against_reference(case: Case, impl: str, grad: bool = True, spec=None)
     assert_within_torch_error(out, ref, tout, rows, "out")
     assert_stats_close(st, ref_st, rows)
     if grad:
-        g = torch.randn_like(ref)
+        g = randn_as(ref, case.gen)
         torch.autograd.backward(out, g.to(out.dtype))
         torch.autograd.backward(ref, g)
         torch.autograd.backward(tout, g.to(tout.dtype))

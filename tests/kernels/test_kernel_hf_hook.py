@@ -9,29 +9,30 @@ import transformers
 from kernels import StatsSpec
 from kernels.capture import AttentionCapture, select_layers
 from kernels.hf_hook import ATTN_NAME, install
+from kernel_testlib import seeded_model
 
 W, BAND = 3, (2, 9)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                    num_attention_heads=2, num_key_value_heads=1, head_dim=64)
-    m = transformers.Qwen3ForCausalLM(cfg).float().eval()
+    m = seeded_model(lambda: transformers.Qwen3ForCausalLM(cfg).float().eval(), torch.Generator().manual_seed(0),
+                     cfg.initializer_range)
     with torch.no_grad():  # stronger q/k so attention is far from uniform
         for layer in m.model.layers:
             layer.self_attn.q_norm.weight.mul_(3.0)
     return m
 
 
-def _batch():
-    ids = torch.randint(0, 64, (2, 23))
+def _batch(gen):
+    ids = torch.randint(0, 64, (2, 23), generator=gen)
     am = torch.ones(2, 23, dtype=torch.long)
     am[1, :6] = 0  # left padding, as a rollout batch of prompts has
     resp = torch.zeros(2, 23, dtype=torch.bool)
     resp[:, 10:] = True
-    cls = torch.randint(-1, 2, (2, 23))
+    cls = torch.randint(-1, 2, (2, 23), generator=gen)
     return ids, am, resp, cls
 
 
@@ -59,13 +60,13 @@ def stats_from_maps(A, am, resp, cls):
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "reference"])
-def test_hook_logits_equal_stock_attention(model, impl, monkeypatch):
+def test_hook_logits_equal_stock_attention(model, impl, monkeypatch, gen):
     import kernels.hf_hook as hook
 
     calls = []
     real = hook.attention
     monkeypatch.setattr(hook, "attention", lambda *a, **kw: calls.append(kw["impl"]) or real(*a, **kw))
-    ids, am, _, _ = _batch()
+    ids, am, _, _ = _batch(gen)
     ref = _logits(model, "sdpa", input_ids=ids, attention_mask=am)
     install(model, impl=impl)
     ours = _logits(model, ATTN_NAME, input_ids=ids, attention_mask=am)  # no capture: the stats-off path
@@ -81,8 +82,8 @@ def test_hook_logits_equal_stock_attention(model, impl, monkeypatch):
     assert (ours_nomask - _logits(model, "sdpa", input_ids=ids)).abs().max() < 1e-5
 
 
-def test_captured_statistics_equal_output_attentions_maps(model):
-    ids, am, resp, cls = _batch()
+def test_captured_statistics_equal_output_attentions_maps(model, gen):
+    ids, am, resp, cls = _batch(gen)
     model.set_attn_implementation("eager")
     with torch.no_grad():
         maps = model(input_ids=ids, attention_mask=am, output_attentions=True).attentions
@@ -104,8 +105,8 @@ def test_captured_statistics_equal_output_attentions_maps(model):
     assert stats.stack("waad").shape == (4, 2, 2, 23)
 
 
-def test_capture_middle_layers_only_and_nothing_outside(model):
-    ids, am, resp, _ = _batch()
+def test_capture_middle_layers_only_and_nothing_outside(model, gen):
+    ids, am, resp, _ = _batch(gen)
     cap = AttentionCapture(model, layers="middle:5", spec=StatsSpec(distance=True), impl="blockwise")
     with torch.no_grad(), cap() as stats:
         model(input_ids=ids, attention_mask=am)
@@ -125,8 +126,8 @@ def test_select_layers():
         select_layers("top", 4)
 
 
-def test_hook_training_forward_gradients_and_deferred_fai(model):
-    ids, am, resp, _ = _batch()
+def test_hook_training_forward_gradients_and_deferred_fai(model, gen):
+    ids, am, resp, _ = _batch(gen)
     model.set_attn_implementation("sdpa")
     model.zero_grad()
     out = model(input_ids=ids, attention_mask=am).logits
@@ -148,9 +149,9 @@ def test_hook_training_forward_gradients_and_deferred_fai(model):
     model.zero_grad()
 
 
-def test_hook_packed_position_ids(model):
+def test_hook_packed_position_ids(model, gen):
     """Padding-free packing (two sequences in one row, position_ids restart)."""
-    a, b = torch.randint(0, 64, (1, 9)), torch.randint(0, 64, (1, 14))
+    a, b = torch.randint(0, 64, (1, 9), generator=gen), torch.randint(0, 64, (1, 14), generator=gen)
     ids = torch.cat([a, b], 1)
     pos = torch.cat([torch.arange(9), torch.arange(14)])[None]
     cap = AttentionCapture(model, layers=[1], spec=StatsSpec(entropy=True), impl="blockwise")
@@ -164,14 +165,14 @@ def test_hook_packed_position_ids(model):
     assert stats[1].entropy[0].abs().max() < 1e-6 and stats[1].entropy[9].abs().max() < 1e-6  # first tokens
 
 
-def test_hook_with_triton_kernels(model):
+def test_hook_with_triton_kernels(model, gen):
     """The GPU path through the hook (interpreted on CPU): logits and statistics equal the
     blockwise path's; on a CUDA machine the model runs on the GPU."""
     import copy
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = copy.deepcopy(model).to(dev)
-    ids, am, resp, cls = (x.to(dev) for x in _batch())
+    ids, am, resp, cls = (x.to(dev) for x in _batch(gen))
     spec = StatsSpec(entropy=True, distance=True, waad_window=W, fai_band=BAND, n_classes=2)
     got = {}
     for impl in ("triton", "blockwise"):
@@ -187,14 +188,14 @@ def test_hook_with_triton_kernels(model):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_capture_with_gradient_checkpointing(model, reentrant):
+def test_capture_with_gradient_checkpointing(model, reentrant, gen):
     """Recomputed forwards inside the backward must not overwrite the captured statistics,
     and the deferred FAI must end up filled either way."""
     import copy
 
     m = copy.deepcopy(model).train()
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    ids, am, resp, _ = _batch()
+    ids, am, resp, _ = _batch(gen)
     spec = StatsSpec(entropy=True, fai_band=BAND, fai_in_backward=True)
     with torch.no_grad(), AttentionCapture(m, layers=[2], spec=spec.replace(fai_in_backward=False),
                                            impl="blockwise")(response_mask=resp) as want:
@@ -210,13 +211,13 @@ def test_capture_with_gradient_checkpointing(model, reentrant):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
-def test_capture_grad_mass_for_cold_start_loss(model):
+def test_capture_grad_mass_for_cold_start_loss(model, gen):
     """The differentiable key-class mass collected in the forward equals the detached one
     and backpropagates into the q/k projections (AVAR's cold-start objective)."""
     import copy
 
     m = copy.deepcopy(model)
-    ids, am, _, cls = _batch()
+    ids, am, _, cls = _batch(gen)
     cap = AttentionCapture(m, layers=[1, 2], spec=StatsSpec(n_classes=2), impl="blockwise", grad_mass=True)
     with cap(key_classes=cls) as stats:
         m(input_ids=ids, attention_mask=am)
@@ -242,9 +243,9 @@ def test_plain_sdpa_routes_only_unrecorded_calls_to_sdpa(monkeypatch):
 
     cfg = Qwen3Config(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    ids = torch.randint(0, 50, (2, 12))
+    gen = torch.Generator().manual_seed(0)
+    model = seeded_model(lambda: AutoModelForCausalLM.from_config(cfg).eval(), gen, cfg.initializer_range)
+    ids = torch.randint(0, 50, (2, 12), generator=gen)
     am = torch.ones(2, 12, dtype=torch.long)
     am[1, 9:] = 0
     with torch.no_grad():

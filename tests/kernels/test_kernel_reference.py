@@ -13,8 +13,8 @@ from kernel_testlib import make_case, torch_attention, valid_rows
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_reference_output_matches_sdpa_float64(layout):
-    case = make_case(layout=layout, lens=(1, 9, 20), hq=4, group=2, d=16, dtype=torch.float64)
+def test_reference_output_matches_sdpa_float64(layout, gen):
+    case = make_case(gen, layout=layout, lens=(1, 9, 20), hq=4, group=2, d=16, dtype=torch.float64)
     out, _ = reference_attention(case.q, case.k, case.v, **case.kw)
     sdpa = torch_attention(case, case.q, case.k, case.v)
     rows = valid_rows(case)
@@ -23,9 +23,9 @@ def test_reference_output_matches_sdpa_float64(layout):
         assert (out.transpose(1, 2)[~rows] == 0).all()
 
 
-def test_reference_statistics_match_loop_definitions():
+def test_reference_statistics_match_loop_definitions(gen):
     n, d, W, lo, hi = 9, 8, 3, 2, 4
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = gen
     q, k, v = (torch.randn(n, 1, d, generator=g, dtype=torch.float64) for _ in range(3))
     cls = torch.randint(-1, 2, (n,), generator=g)
     resp = torch.rand(n, generator=g) > 0.4
@@ -53,8 +53,8 @@ def test_reference_statistics_match_loop_definitions():
         assert st.fai[j, 0] == pytest.approx(want, abs=1e-12)
 
 
-def test_reference_packed_equals_padded():
-    case = make_case(layout="packed", lens=(5, 12), hq=2, group=1, d=16, dtype=torch.float64)
+def test_reference_packed_equals_padded(gen):
+    case = make_case(gen, layout="packed", lens=(5, 12), hq=2, group=1, d=16, dtype=torch.float64)
     out_p, st_p = reference_attention(case.q, case.k, case.v, stats=case.spec, **case.kw)
     # the same two sequences as a right-padded batch
     N = 12

@@ -11,7 +11,7 @@ import torch
 
 from kernels import StatsSpec, attention, key_class_mass
 from kernels.reference import reference_attention
-from kernel_testlib import DEV, check_against_reference, check_invariants, make_case
+from kernel_testlib import DEV, check_against_reference, check_invariants, make_case, randn_as
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # masked cells, discarded
@@ -26,32 +26,32 @@ if DEV == "cuda":  # bf16 is broken in the interpreter: GPU only
 
 
 @pytest.mark.parametrize("layout,group,d,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_triton_matches_reference(layout, group, d, dtype):
-    case = make_case(layout=layout, lens=(1, 17, 45), hq=4, group=group, d=d, dtype=dtype)
+def test_triton_matches_reference(layout, group, d, dtype, gen):
+    case = make_case(gen, layout=layout, lens=(1, 17, 45), hq=4, group=group, d=d, dtype=dtype)
     check_against_reference(case, "triton")
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_triton_large_logits_and_full_future(layout):
+def test_triton_large_logits_and_full_future(layout, gen):
     """x30 logits (near one-hot p) and the analysis mode band [1, end]."""
-    case = make_case(layout=layout, lens=(2, 50), hq=2, group=2, d=32, logit_scale=30.0, band=(1, None))
+    case = make_case(gen, layout=layout, lens=(2, 50), hq=2, group=2, d=32, logit_scale=30.0, band=(1, None))
     check_against_reference(case, "triton")
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_triton_invariants_and_stats_off_identical(layout):
-    check_invariants(make_case(layout=layout, lens=(1, 17, 45), hq=4, group=2, d=32, waad=6), "triton")
+def test_triton_invariants_and_stats_off_identical(layout, gen):
+    check_invariants(make_case(gen, layout=layout, lens=(1, 17, 45), hq=4, group=2, d=32, waad=6), "triton")
 
 
-def test_triton_window_longer_than_tiles_and_wide_band():
+def test_triton_window_longer_than_tiles_and_wide_band(gen):
     """WAAD with W spanning several key tiles, band reaching far (several query tiles)."""
-    case = make_case(layout="packed", lens=(70,), hq=2, group=1, d=32, waad=40, band=(5, 60), n_classes=1)
+    case = make_case(gen, layout="packed", lens=(70,), hq=2, group=1, d=32, waad=40, band=(5, 60), n_classes=1)
     check_against_reference(case, "triton", grad=False)
 
 
-def test_triton_matches_blockwise_exactly_enough():
+def test_triton_matches_blockwise_exactly_enough(gen):
     """The CPU and GPU paths agree with each other (not just with the reference)."""
-    case = make_case(layout="padded", lens=(33, 20), hq=4, group=2, d=32)
+    case = make_case(gen, layout="padded", lens=(33, 20), hq=4, group=2, d=32)
     out_t, st_t = attention(case.q, case.k, case.v, stats=case.spec, impl="triton", **case.kw)
     out_b, st_b = attention(case.q, case.k, case.v, stats=case.spec, impl="blockwise", **case.kw)
     assert torch.allclose(out_t, out_b, atol=1e-5)
@@ -60,14 +60,14 @@ def test_triton_matches_blockwise_exactly_enough():
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_triton_fai_in_backward_equals_column_pass(layout):
-    case = make_case(layout=layout, lens=(1, 17, 45), hq=4, group=4, d=32)
+def test_triton_fai_in_backward_equals_column_pass(layout, gen):
+    case = make_case(gen, layout=layout, lens=(1, 17, 45), hq=4, group=4, d=32)
     _, st_fwd = attention(case.q, case.k, case.v, stats=case.spec, impl="triton", **case.kw)
     _, ref = reference_attention(case.q.double(), case.k.double(), case.v.double(), stats=case.spec, **case.kw)
     q, k, v = (x.clone().requires_grad_() for x in (case.q, case.k, case.v))
     out, st = attention(q, k, v, stats=case.spec.replace(fai_in_backward=True), impl="triton", **case.kw)
     assert torch.isnan(st.fai_sum).all()
-    g = torch.randn_like(out)
+    g = randn_as(out, gen)
     out.backward(g)
     q2, k2, v2 = (x.clone().requires_grad_() for x in (case.q, case.k, case.v))
     attention(q2, k2, v2, impl="triton", **case.kw).backward(g)
@@ -77,8 +77,8 @@ def test_triton_fai_in_backward_equals_column_pass(layout):
         assert torch.allclose(got.double(), ref.fai_sum, atol=1e-5 * (1 + ref.fai_sum.abs().max().item()))
 
 
-def test_triton_key_class_mass_gradients():
-    case = make_case(layout="packed", lens=(5, 30), hq=2, group=2, d=32)
+def test_triton_key_class_mass_gradients(gen):
+    case = make_case(gen, layout="packed", lens=(5, 30), hq=2, group=2, d=32)
     C = case.spec.n_classes
     grads = {}
     for impl in ("triton", "blockwise"):
@@ -90,16 +90,16 @@ def test_triton_key_class_mass_gradients():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_triton_no_stats_spec_gives_lse_only():
-    case = make_case(layout="packed", lens=(17,), hq=2, group=1, d=32)
+def test_triton_no_stats_spec_gives_lse_only(gen):
+    case = make_case(gen, layout="packed", lens=(17,), hq=2, group=1, d=32)
     out, st = attention(case.q, case.k, case.v, stats=StatsSpec(), impl="triton", **case.kw)
     _, ref = reference_attention(case.q.double(), case.k.double(), case.v.double(), stats=StatsSpec(), **case.kw)
     assert st.entropy is None and st.fai_sum is None
     assert torch.allclose(st.lse.double(), ref.lse, atol=1e-5)
 
 
-def test_triton_bf16_input():
+def test_triton_bf16_input(gen):
     """bf16 through the Triton path: native on GPU; computed in fp32 under the
     interpreter, whose bf16 is broken (so the CPU pipeline never gets garbage)."""
-    case = make_case(layout="padded", lens=(17, 30), hq=4, group=2, d=32, dtype=BF16)
+    case = make_case(gen, layout="padded", lens=(17, 30), hq=4, group=2, d=32, dtype=BF16)
     check_against_reference(case, "triton")

@@ -18,11 +18,14 @@ README = ROOT / "README.md"
 # Appended to every Hydra command (the last value of a key wins). They shrink the run, never
 # change what it exercises: the README's own keys (task, algorithm, credit, ranks, engines,
 # ZeRO stage, resume, experiment preset) are kept.
+# The short cold start teaches the answer format, not the task, so the format reward counts
+# (weight 0.5): samples that differ in format give every step a learning signal to check.
 SHORTEN = [
     "steps=2", "eval_every=2", "save_every=2", "task.eval_size=4", "rollout.eval_samples=2",
-    "cold_start.steps=6", "cold_start.batch_size=8", "cold_start.warmup_steps=2",
+    "cold_start.steps=40", "cold_start.batch_size=16", "cold_start.warmup_steps=4",
     "algorithm.prompts_per_step=2", "algorithm.n_samples=4", "algorithm.minibatch_size=8",
-    "rollout.max_new_tokens=24", "logger.progress=false", "logger.mode=offline",
+    "rollout.max_new_tokens=40", "reward.components.format=0.5",
+    "logger.progress=false", "logger.mode=offline",
 ]
 # A `resume=true` command continues the run before it by one more step.
 SHORTEN_RESUME = ["steps=3"]

@@ -1,12 +1,15 @@
 """Bad config fails at composition — naming the key — before Ray or any actor starts."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from rl.config import check_config, register_configs
+from rl.config import (AlgorithmConfig, CreditConfig, LearnerConfig, LoggerConfig, ModelConfig,
+                       RolloutConfig, TaskConfig, check_config, register_configs)
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -24,11 +27,29 @@ def test_default_composes_and_passes_checks():
     assert cfg.learner.num_ranks == 1 and cfg.rollout.num_engines == 1
 
 
-@pytest.mark.parametrize("group", ["algorithm", "rollout", "learner", "task", "model", "logger", "credit"])
+GROUP_SCHEMAS = {"algorithm": AlgorithmConfig, "rollout": RolloutConfig, "learner": LearnerConfig,
+                 "task": TaskConfig, "model": ModelConfig, "logger": LoggerConfig, "credit": CreditConfig}
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    """`base` with every key of `top` set to top's value (recursively into dicts)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_SCHEMAS))
 def test_every_group_file_is_valid(group):
-    for f in sorted((Path(CONF) / group).glob("*.yaml")):
+    """Selecting a group file gives exactly: the schema's defaults, overridden by what the
+    file says (the file read on its own, not through Hydra's composition)."""
+    files = sorted((Path(CONF) / group).glob("*.yaml"))
+    assert files
+    for f in files:
         cfg = load([f"{group}={f.stem}"])
-        assert cfg[group] is not None
+        written = OmegaConf.to_container(OmegaConf.load(f))
+        want = _overlay(dataclasses.asdict(GROUP_SCHEMAS[group]()), written)
+        assert OmegaConf.to_container(cfg[group], resolve=True) == want, f.name
 
 
 def test_unknown_key_names_the_key():
