@@ -73,6 +73,8 @@ class DeepSpeedEngine(TrainEngine):
         self.cfg = cfg
         on_gpu = torch.cuda.is_available()
         backend = cfg.backend or ("nccl" if on_gpu else "gloo")
+        if not on_gpu:
+            skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend=backend)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
@@ -285,6 +287,21 @@ class DeepSpeedEngine(TrainEngine):
             if "exp_avg" in st:
                 total += st["exp_avg"].abs().sum().item()
         return total
+
+
+def skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at start-up.
+
+    On CPU, `init_distributed` builds `deepspeed_shm_comm` with ninja under
+    ~/.cache/torch_extensions, holding a lock file while it checks or builds. A process killed
+    in that window (a stopped run, a timed-out test) leaves the lock behind, and every later
+    DeepSpeed start on the machine then waits on it forever (seen: learners stuck in
+    `FileBaton.wait`). The op only serves `inference_all_reduce`, which training never calls;
+    gloo does the all-reduces. Marking it incompatible makes DeepSpeed skip it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def setup_dist_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:

@@ -21,8 +21,8 @@ def pool():
 
 
 def score_within(pool, items, limit_s: float):
-    """Score in a thread so a regression that hangs the pool fails the test instead of
-    hanging the suite (pytest-timeout is not installed)."""
+    """Score in a thread so a regression that hangs the pool fails this test within seconds,
+    naming the limit (pytest-timeout's suite-wide limit is a last resort of minutes)."""
     out: list = []
     t = threading.Thread(target=lambda: out.append(pool.score(items)), daemon=True)
     t.start()
