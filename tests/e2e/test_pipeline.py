@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -223,28 +222,6 @@ def test_resume_is_exact_across_an_epoch_boundary(uninterrupted, tmp_path_factor
     for key in ("train/loss", "reward/total", "train/grad_norm", "rollout/response_len"):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-5, abs=1e-7), key
     assert b[3]["train/grad_norm"] > 0
-
-
-def test_two_learner_ranks_and_two_engines(ray_session, tmp_path_factory, dataset, cache_dir):
-    out = tmp_path_factory.mktemp("run_dist")
-    cfg = make_cfg(out, cache_dir, dataset, ["steps=1", "learner.num_ranks=2",
-                                             "learner.zero_stage=3", "rollout.num_engines=2"])
-
-    def inspect(t):
-        seq = t.tok("Add.\n347+285\n7+5=12\n#### 632")["input_ids"]
-        ids = torch.tensor([seq])
-        learner = t.learner.score({"input_ids": ids, "attention_mask": torch.ones_like(ids).bool()},
-                                  1.0)["logprobs"][0, 1:]
-        versions = ray.get([e.get_weight_version.remote() for e in t.engines])
-        scores = [torch.tensor(s[0]) for s in ray.get([e.score.remote([seq]) for e in t.engines])]
-        return versions, learner, scores
-
-    _, (versions, learner, scores) = run(cfg, inspect)
-    assert versions == [1, 1]
-    for s in scores:
-        assert (s - learner).abs().max() < 1e-3
-    m = metrics(out)[1]
-    assert m["train/grad_norm"] > 0 and m["train/skipped"] == 0
 
 
 def local_heads_by_definition(attn_stats: dict, resp: torch.Tensor, quantile: float) -> set[int]:
