@@ -18,7 +18,6 @@ model), with plain `transformers`, recompute logprobs and entropy, and rebuild t
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from rl.config import register_configs
-from rl.tasks.arith import column_steps
+from tests.e2e.arith_rows import write_rows
 from rl.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -46,15 +45,6 @@ TOL = 2e-5  # learner (DeepSpeed actor) vs transformers here: same float32 weigh
 def additions(seed: int, n: int) -> list[tuple[int, int]]:
     rng = random.Random(seed)
     return [(rng.randrange(10, 999), rng.randrange(10, 999)) for _ in range(n)]
-
-
-def write_rows(path: Path, rows) -> str:
-    with open(path, "w") as f:
-        for a, b in rows:
-            steps, total = column_steps([a, b])
-            f.write(json.dumps({"question": f"{a}+{b}", "answer": str(total),
-                                "solution": "\n".join(steps + [f"#### {total}"])}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

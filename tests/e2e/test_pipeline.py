@@ -15,7 +15,7 @@ from omegaconf import open_dict
 
 from rl.config import register_configs
 from tests.e2e.wandb_records import history
-from rl.tasks.arith import column_steps
+from tests.e2e.arith_rows import write_rows
 from rl.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -25,15 +25,6 @@ register_configs()
 pytestmark = pytest.mark.timeout(3600)
 ROWS = [(347, 285), (12, 990), (505, 55), (81, 19)]
 TEST_ROWS = [(100, 23), (64, 64)]
-
-
-def write_rows(path: Path, rows) -> str:
-    with open(path, "w") as f:
-        for a, b in rows:
-            steps, total = column_steps([a, b])
-            f.write(json.dumps({"question": f"{a}+{b}", "answer": str(total),
-                                "solution": "\n".join(steps + [f"#### {total}"])}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="session")
