@@ -1,4 +1,5 @@
-"""`python -m launch.inspect --checkpoint PATH --prompt TEXT`: look at preplan/anchor credit.
+"""`python -m launch.inspect --checkpoint PATH --prompt TEXT`: look at preplan/anchor credit
+(and, with `--teacher`, at the prompt tokens LeaF calls confounders).
 
 Why: the credit a training step applies is a function of the learner's attention on that
 step's batch, logged only as shares. This tool replays the scoring forward of one checkpoint
@@ -9,6 +10,8 @@ PNG per sample to read them token by token.
     python -m launch.inspect --checkpoint outputs/default/seed0 --task-sample 0
     python -m launch.inspect --checkpoint outputs/cache/cold_start-XXXX \\
         --prompt $'Add.\\n347+285\\n' --samples 4 --temperature 1.0 --strategy coupled
+    python -m launch.inspect --checkpoint outputs/cache/cold_start-XXXX --task-sample 0 \\
+        --distractors --teacher outputs/cache/teacher-YYYY
 
 PATH is an HF folder (config.json), a checkpoint step folder (hf/ inside), a checkpoints
 folder, or a trainer output dir (its latest checkpoint). As in training, the head groups
@@ -51,17 +54,24 @@ def resolve_checkpoint(path: str) -> Path:
         f"nor a folder of checkpoints (no step_*/ in it or in its checkpoints/)")
 
 
-def task_prompt(index: int) -> tuple[str, str]:
-    """(prompt text, reference answer) of held-out problem `index` of the default task, with
-    the default model's prompt/response prefixes — what the trainer feeds the policy."""
+def task_sample(index: int, distractors: bool = False):
+    """Held-out problem `index` of the default task (with a distractor if asked)."""
     from omegaconf import OmegaConf
 
     from rl.tasks import TEST, get_task
 
     task_cfg = OmegaConf.load(CONF / "task" / "arith.yaml")
+    params = {**OmegaConf.to_container(task_cfg.params), **({"distractor_prob": 1.0} if distractors else {})}
+    return get_task(task_cfg.name, seed=task_cfg.seed, **params).sample(TEST, index)
+
+
+def task_prompt(index: int, distractors: bool = False) -> tuple[str, str]:
+    """(prompt text, reference answer) of held-out problem `index` of the default task, with
+    the default model's prompt/response prefixes — what the trainer feeds the policy."""
+    from omegaconf import OmegaConf
+
+    s = task_sample(index, distractors)
     model_cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
-    task = get_task(task_cfg.name, seed=task_cfg.seed, **OmegaConf.to_container(task_cfg.params))
-    s = task.sample(TEST, index)
     return (model_cfg.prompt_prefix or "") + s.prompt + (model_cfg.response_prefix or ""), s.answer
 
 
@@ -140,6 +150,12 @@ def parse_args(argv):
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--layers", default="middle:5", help='"all", "middle:n" or comma-separated indices')
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--teacher", help="LeaF: a teacher HF folder (same tokenizer), or `run` for the teacher "
+                    "of the run that wrote --checkpoint; adds each prompt token's sensitivities ĝ_T, ĝ_S, "
+                    "Δ and the confounders LeaF would prune")
+    ap.add_argument("--quantile", type=float, default=0.10, help="LeaF confounder quantile (leaf.quantile)")
+    ap.add_argument("--distractors", action="store_true",
+                    help="with --task-sample: the problem with a distractor (arith distractor_prob=1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="outputs/inspect")
     args = ap.parse_args(argv)
@@ -169,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     answer = None
     prompt = args.prompt
     if prompt is None:
-        prompt, answer = task_prompt(args.task_sample)
+        prompt, answer = task_prompt(args.task_sample, args.distractors)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
 
     # Generate before the capture installs the statistics attention on the model.
@@ -199,11 +215,73 @@ def main(argv: list[str] | None = None) -> list[Path]:
            "groups": head_group_rows(stats, trace, dist, len(responses))}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    leaf = None
+    if args.teacher:
+        labels = None
+        if args.task_sample is not None:
+            labels = distractor_flags(tok, task_sample(args.task_sample, args.distractors), prompt)
+        teacher = run_teacher(hf) if args.teacher == "run" else args.teacher
+        leaf = leaf_views(hf, teacher, tok, prompt_ids, responses, args.quantile, labels)
     written = []
     for i, r_ids in enumerate(responses):
-        written += write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx)
-        print("\n".join(str(x) for x in written[-2:]))
+        written += write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx,
+                                None if leaf is None else leaf[i])
+        print("\n".join(str(x) for x in written[-3 if leaf else -2:]))
     return written
+
+
+def run_teacher(hf: Path) -> str:
+    """The teacher of the trainer run whose output dir holds this checkpoint (its saved
+    config.yaml names it; a tiny teacher is found in that run's cache)."""
+    from omegaconf import OmegaConf
+
+    from rl.teacher import teacher_path
+
+    for parent in Path(hf).resolve().parents:
+        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+            cfg = OmegaConf.load(parent / "config.yaml")
+            if cfg.get("teacher", {}).get("name", "none") == "none":
+                break
+            return teacher_path(cfg, Path(cfg.cache_dir), progress=False)
+    raise SystemExit(f"launch.inspect: --teacher run: {hf} is not in the output dir of a run "
+                     "with a teacher; pass the teacher's HF folder")
+
+
+def distractor_flags(tok, sample, prompt: str) -> list[bool]:
+    """Per prompt token: inside one of the sample's labelled distractor spans."""
+    offset = prompt.index(sample.prompt)
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    return [any(s <= a - offset < e for s, e in sample.distractors) for a, _ in enc["offset_mapping"]]
+
+
+def leaf_views(student: Path, teacher: str, tok, prompt_ids, responses, quantile: float, labels):
+    """Per response: the prompt tokens with ĝ_T, ĝ_S, Δ and marks (confounder, distractor),
+    computed as LeaF's detection does with that response as the continuation."""
+    from rl.engine.frozen import FrozenModel
+    from rl.leaf.confounders import minmax_normalise
+    from rl.leaf.detect import detect
+    from rl.leaf.examples import Example
+    from rl.teacher import student_vocab_size
+
+    vocab = student_vocab_size(str(student), teacher)
+    examples = [Example(None, list(prompt_ids), [0] * len(prompt_ids), [True] * len(prompt_ids), r)
+                for r in responses]
+    det = detect(examples, FrozenModel(teacher, vocab_size=vocab), FrozenModel(str(student)), tok,
+                 quantile, 0.5)
+    n = len(prompt_ids)
+    views = []
+    for i in range(len(responses)):
+        g_t = minmax_normalise(det.g_teacher, det.region)[i, :n]
+        g_s = minmax_normalise(det.g_student, det.region)[i, :n]
+        marks = {"confounder": det.confounders[i, :n].tolist()}
+        if labels is not None:
+            marks["distractor (label)"] = labels
+        views.append({"tokens": [tok.decode([t]) for t in prompt_ids],
+                      "values": {"ĝ_T": [_short(x) for x in g_t.tolist()],
+                                 "ĝ_S": [_short(x) for x in g_s.tolist()],
+                                 "Δ": [_short(x) for x in det.delta[i, :n].tolist()]},
+                      "marks": marks, "teacher": teacher, "quantile": quantile})
+    return views
 
 
 def run_params(hf: Path):
@@ -237,9 +315,10 @@ def head_group_rows(stats: dict, trace, dist, n_responses: int) -> dict[str, str
     }
 
 
-def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, sets, ctx: dict) -> list[Path]:
-    """sample_<i>.html (prompt, response, WAAD / FAI / γ views, head groups, parameters) and
-    sample_<i>.png, for batch row i."""
+def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, sets, ctx: dict,
+                 leaf: dict | None = None) -> list[Path]:
+    """sample_<i>.html (prompt, response, WAAD / FAI / γ views, head groups, parameters; and
+    with a teacher, LeaF's view of the prompt) and sample_<i>.png (+ sample_<i>_leaf.png)."""
     from rl.credit.render import credit_html, credit_page, credit_png, table_html, text_html
 
     pos = resp_row.nonzero(as_tuple=True)[0]
@@ -255,10 +334,17 @@ def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, 
         sections.append(text_html("reference answer", ctx["answer"]))
     sections += [credit_html(tokens, values, title=f"credit ({ctx['strategy']})", marks=marks),
                  table_html("head groups", ctx["groups"]), table_html("parameters", ctx["params"])]
+    written = []
+    if leaf is not None:
+        leaf_title = f"LeaF on the prompt (teacher {leaf['teacher']}, q = {leaf['quantile']})"
+        sections.append(credit_html(leaf["tokens"], leaf["values"], title=leaf_title, marks=leaf["marks"]))
+        leaf_png = out / f"sample_{i}_leaf.png"
+        credit_png(leaf["tokens"], leaf["values"], leaf_png, title=leaf_title, marks=leaf["marks"])
+        written.append(leaf_png)
     html_path, png_path = out / f"sample_{i}.html", out / f"sample_{i}.png"
     html_path.write_text(credit_page(sections, title), encoding="utf-8")
     credit_png(tokens, values, png_path, title=title, marks=marks)
-    return [html_path, png_path]
+    return [html_path, png_path, *written]
 
 
 if __name__ == "__main__":

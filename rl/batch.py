@@ -64,5 +64,25 @@ class RolloutBatch:
                 kwargs[name] = v[:, :t]
         return RolloutBatch(**kwargs)
 
+    @staticmethod
+    def concat(a: "RolloutBatch", b: "RolloutBatch") -> "RolloutBatch":
+        """Rows of `a` then rows of `b`, right-padded to the wider of the two (attention
+        statistics, which belong to one scoring forward, are dropped)."""
+        width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+        kwargs = {}
+        for f in fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if f.name == "meta":
+                kwargs[f.name] = list(x) + list(y)
+            elif isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+                if x.dim() == 2:
+                    fill = 1.0 if f.name == "token_weights" else 0
+                    x, y = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+                            for t in (x, y))
+                kwargs[f.name] = torch.cat([x, y])
+            else:
+                kwargs[f.name] = None
+        return RolloutBatch(**kwargs)
+
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)

@@ -59,7 +59,8 @@ class CheckpointManager:
 
 # What makes two runs the same run: a resumed run may change its length, logging and
 # evaluation, not what it trains (these keys), or its checkpoints would not fit it.
-RUN_IDENTITY = ("seed", "model", "task", "cold_start", "credit", "reward", "algorithm.advantage",
+RUN_IDENTITY = ("seed", "model", "task", "cold_start", "credit", "reward", "distill", "leaf", "teacher.name",
+                "teacher.path", "teacher.tiny", "teacher.train", "algorithm.advantage",
                 "algorithm.std_normalize", "algorithm.n_samples", "algorithm.prompts_per_step",
                 "learner.num_ranks", "learner.zero_stage")
 

@@ -68,27 +68,33 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def run_cold_start(cfg, cache: Path, progress: bool = True) -> str:
-    """The HF folder the RL stage starts from (the base model if cold start is disabled)."""
+def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_start") -> str:
+    """The HF folder the RL stage starts from (the base model if cold start is disabled).
+    The same code trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
     base = base_model_path(cfg, cache)
     cs = cfg.cold_start
     if not cs.enabled:
         return base
     # Everything that shapes the cold-start weights, and nothing else (not eval settings).
-    key = config_hash(cfg.model, cfg.task.name, cfg.task.params, cfg.task.seed, cs)
-    final = cache / f"cold_start-{key}"
+    # The SFT data's task parameters enter as one dict, so an empty override keeps the key.
+    params = {**OmegaConf.to_container(cfg.task.params, resolve=True),
+              **OmegaConf.to_container(cs.task_params, resolve=True)}
+    schedule = {k: v for k, v in OmegaConf.to_container(cs, resolve=True).items()
+                if k != "task_params"}
+    key = config_hash(cfg.model, cfg.task.name, params, cfg.task.seed, schedule)
+    final = cache / f"{prefix}-{key}"
     if final.exists() and cs.reuse:
-        log.info("cold start: reusing %s", final)
+        log.info("%s: reusing %s", prefix.replace("_", " "), final)
         return str(final)
 
     def build(tmp: Path) -> None:
         from rl.runtime import start_learner
 
         tok = load_tokenizer(base)
-        task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
+        task = get_task(cfg.task.name, seed=cfg.task.seed, **params)
         learner = start_learner(cfg, base, lr=cs.lr, minibatch_size=cs.batch_size)
         t0 = time.perf_counter()
-        bar = tqdm(range(cs.steps), desc="cold start (SFT)", disable=not progress,
+        bar = tqdm(range(cs.steps), desc=f"{prefix.replace('_', ' ')} (SFT)", disable=not progress,
                    dynamic_ncols=True)
         for step in bar:
             samples = train_samples_at(task, step * cs.batch_size, cs.batch_size)
@@ -102,7 +108,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True) -> str:
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         learner.export_hf(str(tmp))
         learner.shutdown()
-        log.info("cold start: %d steps in %.1f s", cs.steps, time.perf_counter() - t0)
+        log.info("%s: %d SFT steps in %.1f s", prefix, cs.steps, time.perf_counter() - t0)
 
     shutil.rmtree(final, ignore_errors=True)
     return str(atomic_dir(final, build))

@@ -43,6 +43,75 @@ class ColdStartConfig:
     warmup_steps: int = 30
     # Skip the stage when a checkpoint with the same model/task/cold-start config exists.
     reuse: bool = True
+    # task.params overrides for the SFT data only (e.g. {distractor_prob: 0.0}: a student
+    # that never saw a distractor, for LeaF); RL and evaluation use task.params.
+    task_params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherTrainConfig:
+    """How the project trains its own tiny teacher: the cold-start SFT code, on the task's
+    data with these parameter overrides (e.g. distractors, so it learns to ignore them)."""
+    task_params: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 30
+
+
+def _teacher_tiny() -> TinyModelSpec:
+    return TinyModelSpec(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=3, num_key_value_heads=1)
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen teacher for LeaF (conf/teacher/): none | tiny (built and trained here) | hf."""
+    name: str = "none"
+    path: Optional[str] = None        # hf: an HF folder with the student's tokenizer
+    # actors: its own Ray actors (on a cluster, its own GPUs); distillation targets travel as
+    # top-k log-probs + tail mass. colocated: loaded inside every learner rank; full
+    # next-token distributions, no transfer (small teachers).
+    placement: str = "actors"
+    topk: int = 64
+    num_actors: int = 1
+    num_cpus_per_actor: float = 0.5
+    torch_threads: int = 1
+    tiny: TinyModelSpec = field(default_factory=_teacher_tiny)
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+
+@dataclass
+class LeafConfig:
+    """LeaF's confounder detection (read by distill=leaf|leaf_response and by the RL terms)."""
+    quantile: float = 0.10            # confounders: Δ ≤ the per-sample order statistic at ⌊n·q⌋ ...
+    cap: float = 0.5                  # ... capped at this value (§2.1)
+    pruning: str = "span"             # span (one counterfactual per span) | collective (all spans at once)
+    validate: bool = True             # keep a counterfactual only if teacher and student both answer it correctly
+    chunk: int = 64                   # rows per gradient pass
+    # LeaF inside RL (§2.7, our extension, not in the paper). Each step, on the step's prompts
+    # (the best response of each group as the continuation): confounders → one pruned copy.
+    kl_coef: float = 0.0              # (b) weight of KL(p_T ‖ p_S) on pruned prompt ⊕ response, added to the policy loss
+    counterfactual_groups: int = 0    # (c) prompts per step whose pruned copy is also rolled out as an extra GRPO group
+
+
+@dataclass
+class DistillConfig:
+    """Offline distillation from the teacher between the cold start and RL (conf/distill/):
+    none | kd (plain KD) | leaf (LeaF, instruction level) | leaf_response (+ response level).
+    `python -m launch.distill` runs it alone; `launch.train` starts RL from its checkpoint."""
+    name: str = "none"
+    steps: int = 150                  # optimizer steps of the KD loss (the same budget for every mode)
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    # λ (§2.3): the share of original (unpruned) rows in each batch once counterfactuals exist;
+    # the rest are pruned counterfactuals, cycled. kd uses originals only.
+    mix: float = 0.5
+    detect_samples: int = 512         # train problems the student answers (greedy); LeaF detects on the ones it gets wrong
+    detect_offset: int = 1_000_000    # their data position (apart from the KD originals at 0, 1, ...)
+    response_segments: int = 2        # leaf_response: the solution is cut into this many parts; the first is context
+    reuse: bool = True                # skip the stage when the same checkpoint is cached
 
 
 @dataclass
@@ -146,6 +215,9 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     credit: CreditConfig = field(default_factory=CreditConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    leaf: LeafConfig = field(default_factory=LeafConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -182,6 +254,10 @@ VALID_CHOICES = {
     "learner.attention": ("auto", "sdpa", "kernels"),
     "learner.attn_impl": ("auto", "blockwise", "triton", "reference"),
     "learner.plain_attention": ("sdpa", "kernels"),
+    "teacher.name": ("none", "tiny", "hf"),
+    "teacher.placement": ("actors", "colocated"),
+    "distill.name": ("none", "kd", "leaf", "leaf_response"),
+    "leaf.pruning": ("span", "collective"),
 }
 
 
@@ -194,11 +270,12 @@ def check_config(cfg) -> None:
         if value not in allowed:
             raise ValueError(f"config key {key}={value!r}: must be one of {allowed}")
     a, lr = cfg.algorithm, cfg.learner
-    batch = a.prompts_per_step * a.n_samples
+    groups = a.prompts_per_step + max(cfg.leaf.counterfactual_groups, 0)
+    batch = groups * a.n_samples
     if batch % a.minibatch_size:
         raise ValueError(
             f"algorithm.minibatch_size={a.minibatch_size} must divide "
-            f"prompts_per_step*n_samples={batch}")
+            f"(prompts_per_step + leaf.counterfactual_groups) * n_samples={batch}")
     if a.minibatch_size % lr.num_ranks:
         raise ValueError(
             f"algorithm.minibatch_size={a.minibatch_size} must be a multiple of "
@@ -208,6 +285,7 @@ def check_config(cfg) -> None:
     if a.n_samples < 2:
         raise ValueError("algorithm.n_samples must be >= 2 for group baselines")
     check_rollout(cfg)
+    check_teacher(cfg)
     credit = build_credit(cfg)  # unknown method or parameter: named here
     if credit.stats_request() and lr.attention == "sdpa":
         raise ValueError(f"credit={cfg.credit.name} reads attention statistics: learner.attention "
@@ -228,6 +306,36 @@ def check_rollout(cfg) -> None:
                          f"[1, rollout.max_model_len={r.max_model_len})")
     on_gpu = torch.cuda.is_available() if cfg.cluster.address is None else True
     scheduling_args(engine_config(cfg, "<model>", seed=0), on_gpu)
+
+
+def check_teacher(cfg) -> None:
+    t = cfg.teacher
+    if t.name == "hf" and not t.path:
+        raise ValueError("teacher=hf needs teacher.path (an HF folder)")
+    if t.name != "hf" and t.path:
+        raise ValueError(f"teacher.path is only read with teacher=hf (teacher.name={t.name!r})")
+    if t.topk < 1 or t.num_actors < 1:
+        raise ValueError("teacher.topk and teacher.num_actors must be >= 1")
+    lf = cfg.leaf
+    if (lf.kl_coef > 0 or lf.counterfactual_groups > 0) and t.name == "none":
+        raise ValueError("leaf.kl_coef / leaf.counterfactual_groups need a teacher: set "
+                         "teacher=tiny or teacher=hf teacher.path=...")
+    if lf.kl_coef < 0 or lf.counterfactual_groups < 0:
+        raise ValueError("leaf.kl_coef and leaf.counterfactual_groups must be >= 0")
+    d = cfg.distill
+    if d.name != "none" and t.name == "none":
+        raise ValueError(f"distill={d.name} distils from a teacher: set teacher=tiny or "
+                         "teacher=hf teacher.path=...")
+    if not 0.0 <= d.mix <= 1.0:
+        raise ValueError(f"distill.mix={d.mix} must be in [0, 1]")
+    if not 0.0 < cfg.leaf.quantile < 1.0 or not 0.0 < cfg.leaf.cap <= 1.0:
+        raise ValueError("leaf.quantile must be in (0, 1) and leaf.cap in (0, 1]")
+    if d.steps < 1 or d.batch_size < 1 or d.detect_samples < 1 or d.response_segments < 2:
+        raise ValueError("distill.steps, batch_size, detect_samples must be >= 1 and "
+                         "response_segments >= 2")
+    if d.batch_size % cfg.learner.num_ranks:
+        raise ValueError(f"distill.batch_size={d.batch_size} must be a multiple of "
+                         f"learner.num_ranks={cfg.learner.num_ranks}")
 
 
 def build_credit(cfg):

@@ -26,6 +26,9 @@ class EncodedPrompt:
     sample: Sample
     ids: list[int]
     classes: list[int]
+    # Positions inside the sample's own text (not the model's prompt_prefix/response_prefix
+    # template): the tokens LeaF may call confounders.
+    in_text: list[bool] | None = None
 
 
 def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "") -> EncodedPrompt:
@@ -34,14 +37,15 @@ def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "")
     labelled = [(TOKEN_CLASS[name], spans) for name, spans in sample.segments.items()
                 if name in TOKEN_CLASS]
     labelled.append((TOKEN_CLASS["distractor"], sample.distractors))
-    classes = []
+    classes, in_text = [], []
     for start, _ in enc["offset_mapping"]:
         c, pos = TOKEN_CLASS["other"], start - len(prefix)
         for cls, spans in labelled:
             if any(s <= pos < e for s, e in spans):
                 c = cls
         classes.append(c)
-    return EncodedPrompt(sample, list(enc["input_ids"]), classes)
+        in_text.append(0 <= pos < len(sample.prompt))
+    return EncodedPrompt(sample, list(enc["input_ids"]), classes, in_text)
 
 
 def check_prompt_lengths(prompts: list[EncodedPrompt], max_model_len: int) -> None:
@@ -82,7 +86,7 @@ def collate_rollouts(prompts: list[EncodedPrompt], completions: list[list], pad_
             groups.append(first_group + g)
             meta.append({"uid": p.sample.uid, "answer": p.sample.answer, "task": p.sample.task,
                          "sample_meta": p.sample.meta, "finish_reason": c.finish_reason,
-                         "prompt_len": n_p})
+                         "prompt_len": n_p, "prompt": p})
     b = len(ids)
     return RolloutBatch(
         input_ids=pad_rows(ids, pad_id, torch.long),

@@ -31,6 +31,12 @@ class LearnerWorker:
     def call(self, method: str, *args, **kwargs):
         return getattr(self.engine, method)(*args, **kwargs)
 
+    def call_teacher(self, method: str, *args, **kwargs):
+        """The colocated LeaF teacher (teacher.placement=colocated) of this rank."""
+        if self.engine.teacher is None:
+            raise RuntimeError("no colocated teacher on this learner rank")
+        return getattr(self.engine.teacher, method)(*args, **kwargs)
+
     def weights_payload(self, transport: str):
         weights = list(self.engine.named_weights())  # all ranks gather (ZeRO-3)
         return get_transport(transport).pack(weights) if self.rank == 0 else None
@@ -95,13 +101,23 @@ class LearnerGroup:
             merged["stats_s"] = max(o["stats_s"] for o in outs)  # ranks run side by side
         return merged
 
+    def input_grad_norms(self, tensors) -> torch.Tensor:
+        """The policy's LeaF sensitivities [B, T], in row order (every rank runs: ZeRO-3)."""
+        n, shards = self._inference_shards(tensors)
+        return torch.cat(self._per_rank("input_grad_norms", shards))[:n]
+
     def ref_score(self, tensors, temperature: float) -> torch.Tensor:
         n, shards = self._inference_shards(tensors)
         return torch.cat(self._per_rank("ref_score", shards, temperature))[:n]
 
     def train_minibatch(self, tensors: dict[str, torch.Tensor], loss: str, loss_cfg,
-                        loss_agg: str, temperature: float = 1.0) -> dict[str, float]:
-        """One optimizer step on these rows, split over ranks and micro-batches."""
+                        loss_agg: str, temperature: float = 1.0,
+                        kd: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step on these rows, split over ranks and micro-batches.
+
+        `kd`: LeaF KD rows (prompt ⊕ response + teacher targets) whose KL term joins the policy
+        loss with weight loss_cfg.kd_coef, normalised by their own token count; they are
+        spread over the same ranks and micro-batches (a micro-batch may get none)."""
         mask = tensors["response_mask"]
         normaliser = float(mask.sum()) if loss_agg == "token_mean" else float(len(mask))
         normaliser = max(normaliser, 1.0)
@@ -110,10 +126,24 @@ class LearnerGroup:
         for rows in shard_rows(len(mask), self.num_ranks):
             micro = [{k: v[i] for k, v in tensors.items()} for i in np.array_split(rows, gas)]
             rank_micro.append(micro)
+        if kd:
+            kd_norm = torch.tensor(max(float(kd["response_mask"].sum()), 1.0))
+            parts = np.array_split(np.arange(len(kd["input_ids"])), self.num_ranks * gas)
+            for j, rows in enumerate(parts):
+                if len(rows):
+                    rank_micro[j // gas][j % gas].update(
+                        {f"kd_{k}": v[rows] for k, v in kd.items()}, kd_normaliser=kd_norm)
         outs = self._per_rank("train_minibatch", rank_micro, loss, loss_cfg, normaliser,
                               temperature)
-        merged = {k: float(np.mean([o[k] for o in outs])) for k in outs[0] if k != "loss"}
-        merged["loss"] = float(sum(o["loss"] for o in outs))
+        if outs[0].get("skipped"):
+            return {"skipped": 1.0, "loss": float("nan")}
+        # token-weighted over ranks, like a single rank holding the whole minibatch (a metric
+        # only some ranks report, e.g. LeaF's kd_kl, over those ranks' tokens)
+        merged = {"loss": float(sum(o["loss"] for o in outs)), "skipped": 0.0,
+                  "grad_norm": outs[0]["grad_norm"]}
+        for k in {k for o in outs for k in o["weights"]}:
+            w = [(o["weights"][k], o[k]) for o in outs if k in o["weights"]]
+            merged[k] = float(sum(a * b for a, b in w) / max(sum(a for a, _ in w), 1.0))
         return merged
 
     def set_lr(self, lr: float) -> None:

@@ -51,21 +51,25 @@ def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:
         max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs)
 
 
+def start_engine(cfg, model_path: str, seed: int):
+    remote = ray.remote(num_cpus=cfg.rollout.num_cpus_per_engine)(VLLMEngine)
+    return remote.remote(engine_config(cfg, model_path, seed))
+
+
 def start_engines(cfg, model_path: str) -> list:
-    r = cfg.rollout
-    remote = ray.remote(num_cpus=r.num_cpus_per_engine)(VLLMEngine)
-    return [remote.remote(engine_config(cfg, model_path, cfg.seed + i))
-            for i in range(r.num_engines)]
+    return [start_engine(cfg, model_path, cfg.seed + i) for i in range(cfg.rollout.num_engines)]
 
 
 def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
-                  ref_model_path: str | None = None) -> DSEngineConfig:
+                  ref_model_path: str | None = None,
+                  teacher_model_path: str | None = None) -> DSEngineConfig:
     lc = cfg.learner
     base = DSEngineConfig(
         model_path=model_path, lr=lr, weight_decay=cfg.algorithm.weight_decay,
         grad_clip=cfg.algorithm.grad_clip, zero_stage=lc.zero_stage,
         micro_batch_size=lc.micro_batch_size, dtype=cfg.model.dtype,
         gradient_checkpointing=lc.gradient_checkpointing, ref_model_path=ref_model_path,
+        teacher_model_path=teacher_model_path,
         backend=lc.backend, seed=cfg.seed, attention=learner_attention(cfg), attn_impl=lc.attn_impl,
         plain_attention=lc.plain_attention,
         stats_layers=lc.stats_layers)
@@ -73,9 +77,11 @@ def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
 
 
 def start_learner(cfg, model_path: str, lr: float, minibatch_size: int,
-                  ref_model_path: str | None = None) -> LearnerGroup:
+                  ref_model_path: str | None = None,
+                  teacher_model_path: str | None = None) -> LearnerGroup:
     lc = cfg.learner
-    return LearnerGroup(learner_config(cfg, model_path, lr, minibatch_size, ref_model_path),
+    return LearnerGroup(learner_config(cfg, model_path, lr, minibatch_size, ref_model_path,
+                                       teacher_model_path),
                         num_ranks=lc.num_ranks, num_cpus_per_rank=lc.num_cpus_per_rank,
                         torch_threads=lc.torch_threads)
 

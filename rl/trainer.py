@@ -29,9 +29,14 @@ from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
 from rl.config import build_credit, check_config
 from rl.credit.render import credit_html
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
+from rl.leaf.detect import records
+from rl.leaf.examples import distractor_labels
+from rl.leaf.online import OnlineLeaf
+from rl.leaf.warm_start import read_report, run_distill
 from rl.runtime import init_ray, start_engines, start_learner, wait_ready
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
+from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
 from rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -66,7 +71,7 @@ class Trainer:
         self.loss_cfg = PolicyLossConfig(
             clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
-            tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg)
+            tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg, kd_coef=cfg.leaf.kl_coef)
         self.credit = build_credit(cfg)
         self.stats_request = self.credit.stats_request()
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
@@ -82,14 +87,27 @@ class Trainer:
         init_ray(cfg.cluster)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.policy_init = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
+        cold = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
         self.timings["cold_start_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.policy_init = run_distill(cfg, Path(cfg.cache_dir), cold, cfg.logger.progress)
+        self.timings["distill_s"] = time.perf_counter() - t0
+
+        leaf_on = cfg.leaf.kl_coef > 0 or cfg.leaf.counterfactual_groups > 0
+        teacher = teacher_path(cfg, Path(cfg.cache_dir), cfg.logger.progress) if leaf_on else None
+        vocab = student_vocab_size(self.policy_init, teacher) if teacher else None
+        colocated = cfg.teacher.placement == "colocated"
 
         t0 = time.perf_counter()
         self.engines = start_engines(cfg, self.policy_init)
         ref = self.policy_init if self.alg.kl_coef > 0 else None
         self.learner = start_learner(cfg, self.policy_init, lr=self.alg.lr,
-                                     minibatch_size=self.alg.minibatch_size, ref_model_path=ref)
+                                     minibatch_size=self.alg.minibatch_size, ref_model_path=ref,
+                                     teacher_model_path=teacher if colocated else None)
+        self.teacher = (TeacherGroup(teacher, cfg.teacher, cfg.model.dtype, vocab,
+                                     learner=self.learner if colocated else None)
+                        if teacher else None)
+        self.online_leaf = OnlineLeaf(cfg, self.tok, self.learner, self.teacher) if teacher else None
         wait_ready(self.engines)
         self.timings["actors_start_s"] = time.perf_counter() - t0
 
@@ -104,6 +122,10 @@ class Trainer:
         self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, self.out, run_config,
                                resume_step=self.step if resume_from is not None else None)
+        report = read_report(self.policy_init)
+        if report:
+            self.log_leaf_table([r for level in ("instruction", "response")
+                                 for r in report.get(f"{level}_detections", [])], 0)
 
     # --- data -------------------------------------------------------------------------------
     def encode(self, samples):
@@ -147,6 +169,29 @@ class Trainer:
                 log.warning("reward: %s", "; ".join(r.error_messages[:3]))
         return summarize(results)
 
+    def leaf_terms(self, batch: RolloutBatch, step: int):
+        """LeaF inside RL (rl/leaf/online.py; our extension): confounders of the step's prompts,
+        (c) pruned prompts rolled out and rewarded as extra groups, (b) KD rows for the update.
+        Returns (the batch, with any extra groups; KD rows or None; metrics)."""
+        if self.online_leaf is None:
+            return batch, None, {}
+        lf = self.cfg.leaf
+        originals, pruned, det, metrics = self.online_leaf.detect(batch)
+        self.last_leaf = (originals, det)
+        kept = [p for p in pruned if p is not None]
+        kd = self.online_leaf.kd_rows(kept) if lf.kl_coef > 0 and kept else None
+        metrics["kd_rows"] = float(len(kd["input_ids"])) if kd else 0.0
+        if lf.counterfactual_groups:
+            prompts = OnlineLeaf.groups_to_roll(originals, pruned, lf.counterfactual_groups)
+            seeds = [stable_hash("leaf", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
+            comps = self.generate(prompts, self.alg.n_samples, self.cfg.rollout.temperature, seeds)
+            extra = collate_rollouts(prompts, comps, self.tok.pad_token_id,
+                                     first_group=int(batch.group_ids.max()) + 1)
+            self.reward(extra, self.decode_responses(extra))
+            metrics["cf_accuracy"] = float(np.mean([m["correct"] for m in extra.meta]))
+            batch = RolloutBatch.concat(batch, extra)
+        return batch, kd, {f"leaf/{k}": v for k, v in metrics.items()}
+
     def score(self, batch: RolloutBatch) -> None:
         """Old logprobs and entropy — and, when the credit method reads them, the attention
         statistics — from one no-grad forward of the current policy."""
@@ -173,18 +218,24 @@ class Trainer:
         batch.advantages = adv[:, None] * batch.token_weights * batch.response_mask
         return adv, credit_metrics
 
-    def update(self, batch: RolloutBatch, step: int) -> dict:
-        """`epochs` passes of minibatch updates; metrics averaged over minibatches."""
+    def update(self, batch: RolloutBatch, step: int, kd: dict | None = None) -> dict:
+        """`epochs` passes of minibatch updates; metrics averaged over minibatches. LeaF KD
+        rows (`kd`) are dealt out over each epoch's minibatches."""
         gen = torch.Generator().manual_seed(stable_hash("minibatch", self.cfg.seed, step) % 2**63)
         rows, mb = len(batch), self.alg.minibatch_size
+        starts = range(0, rows, mb)
+        kd_parts = (np.array_split(np.arange(len(kd["input_ids"])), len(starts)) if kd
+                    else [[]] * len(starts))
         collected: dict[str, list[float]] = {}
         for _ in range(self.alg.epochs):
             perm = torch.randperm(rows, generator=gen)
-            for start in range(0, rows, mb):
+            for start, kd_rows in zip(starts, kd_parts):
                 sub = batch.select(perm[start:start + mb]).trimmed()
                 tensors = {k: v for k, v in sub.tensor_fields().items() if k in TRAIN_KEYS}
+                kd_sub = {k: v[kd_rows] for k, v in kd.items()} if len(kd_rows) else None
                 m = self.learner.train_minibatch(tensors, "policy", self.loss_cfg,
-                                                 self.alg.loss_agg, self.cfg.rollout.temperature)
+                                                 self.alg.loss_agg, self.cfg.rollout.temperature,
+                                                 kd=kd_sub)
                 if m.get("skipped"):
                     log.warning("step %d: non-finite loss, optimizer step skipped", step + 1)
                 for k, v in m.items():
@@ -207,22 +258,26 @@ class Trainer:
         batch = timed("rollout", self.rollout, step)
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
+        batch, kd, leaf_metrics = timed("leaf", self.leaf_terms, batch, step)
         timed("score", self.score, batch)
         adv, credit_metrics = self.advantages(batch, step)
         times["time/credit_s"] = credit_metrics.pop("time_s")
         times["time/stats_s"] = self.last_stats_s
-        train_metrics = timed("update", self.update, batch, step)
+        train_metrics = timed("update", self.update, batch, step, kd)
         sync = timed("sync", self.learner.sync_weights, self.engines, step + 1)
         times["time/step_s"] = time.perf_counter() - t_step
         # What attention credit costs: the statistics pass inside the scoring forward plus γ.
         times["time/credit_share"] = (times["time/stats_s"] + times["time/credit_s"]) / times["time/step_s"]
+        # What LeaF in RL costs: detection and the extra groups' rollouts (its KD rows ride
+        # inside the update's forwards and are not timed apart).
+        times["time/leaf_share"] = times["time/leaf_s"] / times["time/step_s"]
 
         mask = batch.response_mask
         n_tokens = float(mask.sum())
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()
         metrics = {
             **reward_metrics, **train_metrics, **times, **sync,
-            **{f"credit/{k}": v for k, v in credit_metrics.items()},
+            **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics,
             "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
             "rollout/response_len": float(batch.response_lengths().float().mean()),
             "rollout/truncated": float(np.mean([m["finish_reason"] == "length" for m in batch.meta])),
@@ -245,6 +300,11 @@ class Trainer:
                            step + 1)
         if step == 0 or (step + 1) % self.cfg.eval_every == 0:
             self.log_credit_table(batch, step + 1)
+            if self.online_leaf is not None:
+                originals, det = self.last_leaf
+                labels = distractor_labels(originals, det.confounders.shape[1])
+                self.log_leaf_table(records(self.tok, originals, det, labels,
+                                            self.cfg.logger.sample_table_rows), step + 1)
         return metrics
 
     def log_credit_table(self, batch: RolloutBatch, step: int) -> None:
@@ -268,6 +328,18 @@ class Trainer:
                          credit_html(tokens, values, marks=marks)])
         self.tracker.table("credit_samples", ["step", "reward", "advantage", "credit"], rows, step,
                            html_columns=("credit",))
+
+    def log_leaf_table(self, records: list[dict], step: int) -> None:
+        """Prompts LeaF's detection saw (before RL: the distillation's; during RL: the step's),
+        each token coloured by Δ (low Δ: the student leans on it, the teacher does not),
+        confounders and labelled distractors marked (W&B table `leaf_confounders`)."""
+        rows = [[d["uid"], sum(d["confounder"]),
+                 credit_html(d["tokens"], {"Δ": d["delta"]},
+                             marks={"confounder": d["confounder"],
+                                    "distractor (label)": d["distractor"]})]
+                for d in records]
+        self.tracker.table("leaf_confounders", ["uid", "confounders", "prompt"], rows, step,
+                           html_columns=("prompt",))
 
     # --- eval and checkpoints -----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -343,6 +415,7 @@ class Trainer:
                    "final_accuracy_sampled": evals.get("eval/accuracy_sampled", float("nan")),
                    "steps": self.step,
                    "credit": self.cfg.credit.name,
+                   "policy_init": self.policy_init,  # the cold start, or its distilled student
                    # statistics pass + γ, as a share of step time (mean over this run's steps)
                    "credit_share_of_step": float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
@@ -353,6 +426,8 @@ class Trainer:
     def close(self) -> None:
         self.tracker.finish()
         self.pool.close()
+        if self.teacher is not None:
+            self.teacher.shutdown()
         self.learner.shutdown()
         for e in self.engines:
             ray.kill(e)

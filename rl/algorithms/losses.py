@@ -21,6 +21,7 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     tis_cap: float = 0.0
     loss_agg: str = "token_mean"
+    kd_coef: float = 0.0    # LeaF in RL: weight of the KD rows (kd_*) a minibatch may carry
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str) -> torch.Tensor:
@@ -97,3 +98,55 @@ def policy_loss(
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, normaliser: float) -> torch.Tensor:
     """Negative log-likelihood of the masked (response) tokens, summed over a global count."""
     return -(logprobs * mask.to(logprobs.dtype)).sum() / normaliser
+
+
+# --- distillation (LeaF §2.3): per-token forward KL(p_T ‖ p_S) at temperature 1 --------------
+
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Σ_v p_T(v) (log p_T(v) − log p_S(v)) per position, from full [B, T, V] log-probs.
+
+    Forward (teacher-weighted) KL, as LeaF and classic KD use: the student is pulled toward
+    every token the teacher finds likely, not only toward its own modes."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
+def _log_tail(topk_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ_k p) of the mass outside the top-k ids, stable when that mass is tiny."""
+    lse = torch.logsumexp(topk_logp, dim=-1).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(lse))
+
+
+def forward_kl_topk(student_logp: torch.Tensor, teacher_ids: torch.Tensor,
+                    teacher_topk_logp: torch.Tensor) -> torch.Tensor:
+    """Forward KL over k + 1 bins: the teacher's top-k tokens and one bin for the rest.
+
+    What a teacher on other GPUs can send for a large vocabulary: k ids and log-probs per
+    position (the tail mass is 1 − Σ of them). The KL of these coarsened distributions is a
+    lower bound of the full KL (data processing) and equals it when k covers the vocabulary.
+    """
+    s_top = student_logp.gather(-1, teacher_ids)
+    p_top = teacher_topk_logp.exp()
+    kl_top = (p_top * (teacher_topk_logp - s_top)).sum(-1)
+    t_tail_log, s_tail_log = _log_tail(teacher_topk_logp), _log_tail(s_top)
+    t_tail = t_tail_log.exp()
+    kl_tail = torch.where(t_tail > 0, t_tail * (t_tail_log - s_tail_log), torch.zeros_like(t_tail))
+    return kl_top + kl_tail
+
+
+def distill_loss(student_logp: torch.Tensor, mask: torch.Tensor, normaliser: float,
+                 teacher_logp: torch.Tensor | None = None,
+                 teacher_ids: torch.Tensor | None = None,
+                 teacher_topk_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Token-mean forward KL over the masked (response) positions, summed over a global count.
+
+    The teacher comes either as full log-probs [B, T, V] (a colocated teacher) or as top-k
+    ids + log-probs [B, T, k] (teacher actors); exactly one of the two must be given."""
+    if (teacher_logp is None) == (teacher_ids is None):
+        raise ValueError("distill_loss: pass either teacher_logp or teacher_ids/teacher_topk_logp")
+    if teacher_logp is not None:
+        kl = forward_kl(student_logp, teacher_logp)
+    else:
+        kl = forward_kl_topk(student_logp, teacher_ids, teacher_topk_logp)
+    m = mask.to(kl.dtype)
+    loss = (kl * m).sum() / normaliser
+    return loss, {"kd_kl": ((kl.detach() * m).sum() / m.sum().clamp(min=1)).item()}

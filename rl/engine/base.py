@@ -13,10 +13,26 @@ from typing import Iterator
 import torch
 
 
-class TrainEngine(ABC):
+class ScoringEngine(ABC):
+    """What a model that is read but not trained answers: the LeaF teacher, and the policy
+    itself (every TrainEngine is one)."""
+
     @abstractmethod
     def score(self, batch: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
-        """No-grad forward: per-token `logprobs` and `entropy` [B, T] of the current policy."""
+        """No-grad forward: per-token `logprobs` and `entropy` [B, T] of the model."""
+
+    @abstractmethod
+    def input_grad_norms(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T] ‖∂L/∂e_t‖₂: gradient of each row's mean response cross-entropy with respect
+        to its input embeddings (LeaF's sensitivity); no parameter gradient is kept."""
+
+    @abstractmethod
+    def topk_logprobs(self, batch: dict[str, torch.Tensor], k: int,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k next-token ids and log-probs [B, T, k] per position (distillation targets)."""
+
+
+class TrainEngine(ScoringEngine):
 
     @abstractmethod
     def ref_score(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rl.algorithms.losses import PolicyLossConfig, policy_loss, sft_loss
+from rl.algorithms.losses import distill_loss, policy_loss, sft_loss
 from rl.engine.base import TrainEngine
+from rl.engine.frozen import FrozenModel, input_grad_norms, next_token_logprobs, topk_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class DSEngineConfig:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     ref_model_path: str | None = None
+    # A teacher loaded next to the policy (LeaF, teacher.placement=colocated): the "distill"
+    # loss then reads its full next-token distributions inside each micro-batch.
+    teacher_model_path: str | None = None
     backend: str | None = None
     seed: int = 0
     # "sdpa": the model's stock attention. "kernels": our fused attention (kernels/), which can
@@ -110,6 +114,9 @@ class DeepSpeedEngine(TrainEngine):
         if cfg.ref_model_path:
             self.ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model_path, dtype=dtype)
             self.ref.to(self.device).eval().requires_grad_(False)
+        self.teacher = (FrozenModel(cfg.teacher_model_path, cfg.dtype, str(self.device),
+                                    vocab_size=model.config.vocab_size)
+                        if cfg.teacher_model_path else None)
 
     # --- forwards -------------------------------------------------------------------------
     def _to(self, batch):
@@ -152,6 +159,22 @@ class DeepSpeedEngine(TrainEngine):
         lp, _ = self._forward(self.ref, b, temperature, with_entropy=False)
         return lp.float().cpu()
 
+    @torch.no_grad()
+    def topk_logprobs(self, batch, k: int, temperature: float = 1.0):
+        self.engine.eval()
+        b = self._to(batch)
+        out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
+                          use_cache=False)
+        ids, values = topk_logprobs(next_token_logprobs(out.logits, temperature), k)
+        return ids.cpu(), values.cpu()
+
+    def input_grad_norms(self, batch):
+        """The policy's LeaF sensitivity. Only the input embeddings require grad, so DeepSpeed's
+        gradient buffers and reduction hooks are untouched (under ZeRO-3 the forward and
+        backward still gather parameters collectively: every rank must call)."""
+        self.engine.eval()
+        return input_grad_norms(self.engine.module, self._to(batch)).cpu()
+
     # --- training ---------------------------------------------------------------------------
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)
@@ -171,6 +194,7 @@ class DeepSpeedEngine(TrainEngine):
         self.engine.train()
         scale = self.world_size * self.cfg.grad_accum_steps
         metrics: dict[str, float] = {}
+        weights: dict[str, float] = {}  # per metric: the tokens of the micro-batches reporting it
         loss_sum, finite = 0.0, True
         for i, mb in enumerate(micro_batches):
             b = self._to(mb)
@@ -182,18 +206,19 @@ class DeepSpeedEngine(TrainEngine):
             else:
                 self.engine.backward(value * scale)
                 loss_sum += value.item()
-                n = b["response_mask"].sum().item()
-                for k, v in m.items():  # token-weighted, summed over micro-batches
+                for k, v in m.items():  # token-weighted over the micro-batches reporting it
+                    rows = "kd_response_mask" if k == "kd_kl" and "kd_response_mask" in b else "response_mask"
+                    n = b[rows].sum().item()
                     metrics[k] = metrics.get(k, 0.0) + v * n
-                metrics["_tokens"] = metrics.get("_tokens", 0.0) + n
+                    weights[k] = weights.get(k, 0.0) + n
             if i == len(micro_batches) - 1 and not finite:
                 self._skip_step()
             else:
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
         if not finite:
             return {"skipped": 1.0, "loss": float("nan")}
-        ntok = max(metrics.pop("_tokens", 1.0), 1.0)
-        out = {k: v / ntok for k, v in metrics.items()}
+        out: dict = {k: v / max(weights[k], 1.0) for k, v in metrics.items()}
+        out["weights"] = weights  # lets the group average each metric over all ranks' tokens
         out["loss"] = loss_sum  # micro losses are already over the global normaliser
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
@@ -225,14 +250,56 @@ class DeepSpeedEngine(TrainEngine):
                     st[k] = v
 
     def _micro_loss(self, b, loss, loss_cfg, normaliser, temperature):
-        need_ent = loss == "policy" and loss_cfg.entropy_coef > 0
-        lp, ent = self._forward(self.engine, b, temperature, with_entropy=need_ent)
-        mask = b["response_mask"]
+        if loss == "distill":
+            return self._distill_term(self._logits(b), b, normaliser)
         if loss == "sft":
-            return sft_loss(lp, mask, normaliser), {}
-        return policy_loss(lp, b["old_logprobs"], b["advantages"], mask, loss_cfg, normaliser,
-                           sampler_logprobs=b.get("sampler_logprobs"),
-                           ref_logprobs=b.get("ref_logprobs"), entropy=ent)
+            lp, _ = token_logprobs(self._logits(b), b["input_ids"], temperature, False)
+            return sft_loss(lp, b["response_mask"], normaliser), {}
+        kd = {k[3:]: v for k, v in b.items() if k.startswith("kd_") and k != "kd_normaliser"}
+        logits, kd_logits = self._joint_logits(b, kd) if kd else (self._logits(b), None)
+        need_ent = loss_cfg.entropy_coef > 0
+        lp, ent = token_logprobs(logits, b["input_ids"], temperature, need_ent)
+        value, metrics = policy_loss(lp, b["old_logprobs"], b["advantages"], b["response_mask"],
+                                     loss_cfg, normaliser,
+                                     sampler_logprobs=b.get("sampler_logprobs"),
+                                     ref_logprobs=b.get("ref_logprobs"), entropy=ent)
+        if kd:  # LeaF (b): + coef · KL(p_T ‖ p_S) on the pruned prompts, over their own count
+            kd_value, kd_metrics = self._distill_term(kd_logits, kd, float(b["kd_normaliser"]))
+            value = value + loss_cfg.kd_coef * kd_value
+            metrics.update(kd_metrics)
+        return value, metrics
+
+    def _logits(self, b):
+        return self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
+                           use_cache=False).logits
+
+    def _joint_logits(self, b, kd):
+        """Policy rows and LeaF KD rows in one forward, right-padded to a common width (under
+        ZeRO-3 every rank must run the same number of forwards, whatever its row mix)."""
+        width = max(b["input_ids"].shape[1], kd["input_ids"].shape[1])
+
+        def pad(t):
+            return F.pad(t.long(), (0, width - t.shape[1]))
+
+        logits = self.engine(input_ids=torch.cat([pad(b["input_ids"]), pad(kd["input_ids"])]),
+                             attention_mask=torch.cat([pad(b["attention_mask"]),
+                                                       pad(kd["attention_mask"])]),
+                             use_cache=False).logits
+        n = len(b["input_ids"])  # causal + right padding: the extra columns change nothing before them
+        return logits[:n, : b["input_ids"].shape[1]], logits[n:, : kd["input_ids"].shape[1]]
+
+    def _distill_term(self, logits, b, normaliser):
+        """Forward KL to the teacher at T = 1 over the response tokens (LeaF §2.3); the teacher
+        is colocated (full distributions) or its top-k came with the batch."""
+        student = next_token_logprobs(logits)
+        if "teacher_ids" in b:
+            return distill_loss(student, b["response_mask"], normaliser,
+                                teacher_ids=b["teacher_ids"], teacher_topk_logp=b["teacher_logprobs"])
+        if self.teacher is None:
+            raise RuntimeError("distill loss: no teacher targets in the batch and no colocated "
+                               "teacher (teacher.placement)")
+        return distill_loss(student, b["response_mask"], normaliser,
+                            teacher_logp=self.teacher.full_logprobs(b))
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:

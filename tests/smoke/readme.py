@@ -25,6 +25,8 @@ SHORTEN = [
     "cold_start.steps=40", "cold_start.batch_size=16", "cold_start.warmup_steps=4",
     "algorithm.prompts_per_step=2", "algorithm.n_samples=4", "algorithm.minibatch_size=8",
     "rollout.max_new_tokens=40", "reward.components.format=0.5",
+    "teacher.train.steps=40", "teacher.train.batch_size=16", "teacher.train.warmup_steps=4",
+    "distill.steps=2", "distill.batch_size=8", "distill.detect_samples=16",
     "logger.progress=false", "logger.mode=offline",
 ]
 # A `resume=true` command continues the run before it by one more step.
@@ -38,7 +40,7 @@ NEEDS_GPU = re.compile(r"model=qwen3_")
 class Command:
     text: str      # as written in the README (continuations joined, comment dropped)
     line: int      # README line where it starts
-    entry: str     # launch.train | launch.sft | launch.inspect
+    entry: str     # launch.train | launch.sft | launch.distill | launch.inspect
 
     @property
     def sweep(self) -> bool:
@@ -50,7 +52,7 @@ class Command:
 
     @property
     def hydra(self) -> bool:
-        return self.entry in ("launch.train", "launch.sft")
+        return self.entry in ("launch.train", "launch.sft", "launch.distill")
 
     def shortened(self) -> str:
         if not self.hydra:

@@ -79,7 +79,8 @@ def check_train_run(job: re.Match, ws: Path, cmd: Command) -> None:
         assert r["train/skipped"] == 0, s
         # A step has a gradient exactly when its batch carries a signal: a group of samples
         # with unequal rewards, or a KL term once the policy has moved off the reference.
-        signal = r["rollout/mixed_groups"] > 0 or (saved.algorithm.kl_coef > 0 and moved)
+        signal = (r["rollout/mixed_groups"] > 0 or (saved.algorithm.kl_coef > 0 and moved)
+                  or r.get("leaf/kd_rows", 0) > 0)  # LeaF's KD rows: a KL to the teacher
         assert math.isfinite(r["train/grad_norm"]) and (r["train/grad_norm"] > 0) == signal, s
         moved |= signal
         # The engines sample with the weights the learner scores with (float32).
@@ -117,6 +118,13 @@ def test_readme_command(cmd: Command, workspace: Path):
         path = Path(re.search(r"cold-start checkpoint: (\S+)", log)[1])
         path = path if path.is_absolute() else workspace / path
         assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file(), tail
+    elif cmd.entry == "launch.distill":
+        path = Path(re.search(r"distilled checkpoint \(\w+\): (\S+)", log)[1])
+        path = path if path.is_absolute() else workspace / path
+        report = json.loads((path / "leaf_report.json").read_text())
+        assert (path / "model.safetensors").is_file() and report["distill_steps"] == 2, tail
+        if report["mode"].startswith("leaf"):  # detection ran on the student's wrong answers
+            assert report["instruction_examples"] == report["student_wrong"], tail
     elif cmd.entry == "launch.inspect":
         args = cmd.text.split()
         out = workspace / (args[args.index("--out") + 1] if "--out" in args else "outputs/inspect")
@@ -124,6 +132,8 @@ def test_readme_command(cmd: Command, workspace: Path):
         for i in range(n):
             assert (out / f"sample_{i}.html").stat().st_size > 0, tail
             assert (out / f"sample_{i}.png").read_bytes()[:4] == b"\x89PNG", tail
+            if "--teacher" in args:
+                assert (out / f"sample_{i}_leaf.png").read_bytes()[:4] == b"\x89PNG", tail
     else:
         pytest.fail(f"no check for entry point {cmd.entry}")
 

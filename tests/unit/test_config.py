@@ -8,8 +8,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from rl.config import (AlgorithmConfig, CreditConfig, LearnerConfig, LoggerConfig, ModelConfig,
-                       RolloutConfig, TaskConfig, check_config, register_configs)
+from rl.config import (AlgorithmConfig, CreditConfig, DistillConfig, LearnerConfig, LoggerConfig,
+                       ModelConfig, RolloutConfig, TaskConfig, TeacherConfig, check_config,
+                       register_configs)
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -28,7 +29,8 @@ def test_default_composes_and_passes_checks():
 
 
 GROUP_SCHEMAS = {"algorithm": AlgorithmConfig, "rollout": RolloutConfig, "learner": LearnerConfig,
-                 "task": TaskConfig, "model": ModelConfig, "logger": LoggerConfig, "credit": CreditConfig}
+                 "task": TaskConfig, "model": ModelConfig, "logger": LoggerConfig, "credit": CreditConfig,
+                 "teacher": TeacherConfig, "distill": DistillConfig}
 
 
 def _overlay(base: dict, top: dict) -> dict:
@@ -114,3 +116,17 @@ def test_credit_param_typo_and_sdpa_conflict_are_named():
         check_config(load(["credit=coupled", "+credit.params.gama_amp=2"]))
     with pytest.raises(ValueError, match="learner.attention"):
         check_config(load(["credit=coupled", "learner.attention=sdpa"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill=leaf"], "distils from a teacher"),
+    (["distill=kd", "teacher=hf"], "teacher=hf needs teacher.path"),
+    (["teacher.path=/x"], "only read with teacher=hf"),
+    (["distill=leaf", "teacher=tiny", "leaf.quantile=1.5"], "leaf.quantile"),
+    (["distill=leaf", "teacher=tiny", "leaf.pruning=all"], "leaf.pruning"),
+    (["distill=leaf", "teacher=tiny", "distill.mix=2"], "distill.mix"),
+    (["teacher=tiny", "teacher.placement=gpu"], "teacher.placement"),
+])
+def test_leaf_settings_fail_before_any_actor(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(load(overrides))

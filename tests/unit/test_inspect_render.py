@@ -104,3 +104,35 @@ def test_inspect_names_a_missing_checkpoint(tmp_path):
         main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
     with pytest.raises(SystemExit, match="not an HF model folder"):
         main(["--checkpoint", str(tmp_path), "--prompt", "x"])
+
+
+def test_inspect_with_a_teacher_draws_leafs_view_of_the_prompt(tiny_model_dir, tmp_path):
+    """--teacher adds ĝ_T, ĝ_S, Δ over the prompt tokens, the confounders and the task's
+    distractor labels; Δ and the marks equal LeaF's detection run directly."""
+    from launch.inspect import main, task_prompt, task_sample
+    from rl.engine.frozen import FrozenModel
+    from rl.leaf.detect import detect
+    from rl.leaf.examples import Example
+    from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
+
+    teacher = str(build_tiny_model(tmp_path / "teacher", TinyModelSpec(seed=7)))
+    out = tmp_path / "out"
+    response = "7+5=12\n#### 12"
+    paths = main(["--checkpoint", tiny_model_dir, "--task-sample", "0", "--distractors",
+                  "--response", response, "--teacher", teacher, "--out", str(out)])
+    assert [p.name for p in paths] == ["sample_0.html", "sample_0.png", "sample_0_leaf.png"]
+    html = (out / "sample_0.html").read_text(encoding="utf-8")
+    assert _sections(html) == {"WAAD", "FAI", "γ", "ĝ_T", "ĝ_S", "Δ"}
+    assert "confounder" in html and "distractor (label)" in html
+    assert (out / "sample_0_leaf.png").read_bytes().startswith(PNG_MAGIC)
+    prompt, _ = task_prompt(0, distractors=True)
+    sample = task_sample(0, distractors=True)
+    assert sample.distractors and sample.prompt in prompt
+    tok = build_char_tokenizer()
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ex = Example(None, ids, [0] * len(ids), [True] * len(ids), tok(response)["input_ids"])
+    det = detect([ex], FrozenModel(teacher), FrozenModel(tiny_model_dir), tok, 0.1, 0.5)
+    # the legend counts each mark: LeaF's confounders, and the labelled distractor characters
+    n_labels = sum(e - s for s, e in sample.distractors)  # one char = one token
+    assert f"confounder ({int(det.confounders[0].sum())})" in html
+    assert f"distractor (label) ({n_labels})" in html

@@ -1,0 +1,102 @@
+"""LeaF stage 1 on real models: sensitivities from the teacher and the student, Δ, confounders.
+
+`teacher` and `student` are anything with `input_grad_norms(tensors) -> [B, T]` — the
+teacher's actors (rl/teacher.py) and the learner group: the same scoring boundary, so the same
+code runs with a 1M-parameter teacher on a CPU and a 70B one on its own GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from rewards import RewardItem
+from rl.leaf.confounders import (candidate_mask, confounder_mask, glue_whitespace, mask_spans,
+                                 sensitivity_difference)
+from rl.leaf.examples import Example, batch_tensors, counterfactuals
+
+SCORING_KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+@dataclass
+class Detection:
+    """Per-token results for a list of examples, [B, T] over input ⊕ continuation."""
+    g_teacher: torch.Tensor
+    g_student: torch.Tensor
+    delta: torch.Tensor
+    region: torch.Tensor
+    candidates: torch.Tensor
+    confounders: torch.Tensor
+    texts: list[list[str]]          # each example's input tokens, decoded
+
+    def spans(self, i: int) -> list[tuple[int, int]]:
+        """Row i's confounder spans as they are pruned: with the spaces beside them."""
+        return glue_whitespace(mask_spans(self.confounders[i]), self.texts[i])
+
+
+def token_texts(tok, examples: list[Example]) -> list[list[str]]:
+    return [[tok.decode([t]) for t in e.input_ids] for e in examples]
+
+
+def sensitivities(scorer, examples: list[Example], pad_id: int, chunk: int) -> torch.Tensor:
+    """g [B, T] in chunks of rows (one backward per chunk), padded to the widest chunk."""
+    parts = []
+    for i in range(0, len(examples), chunk):
+        t = batch_tensors(examples[i:i + chunk], pad_id)
+        parts.append(scorer.input_grad_norms({k: t[k] for k in SCORING_KEYS}))
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def detect(examples: list[Example], teacher, student, tok, quantile: float, cap: float,
+           chunk: int = 64) -> Detection:
+    """§2.1: ĝ per model, Δ = minmax(ĝ_T − ĝ_S) over each example's region, confounders =
+    non-whitespace region tokens with Δ ≤ min(v_(⌊n·q⌋), cap), the order statistic taken over
+    the whole region as the authors do."""
+    if not examples:
+        raise ValueError("LeaF detection got no examples")
+    pad = tok.pad_token_id
+    g_t = sensitivities(teacher, examples, pad, chunk)
+    g_s = sensitivities(student, examples, pad, chunk)
+    region = batch_tensors(examples, pad)["region"]
+    region = torch.nn.functional.pad(region, (0, g_t.shape[1] - region.shape[1]))
+    texts = token_texts(tok, examples)
+    cand = candidate_mask(texts, region)
+    delta = sensitivity_difference(g_t, g_s, region)
+    mask = confounder_mask(delta, cand, quantile, cap, quantile_over=region)
+    return Detection(g_t, g_s, delta, region, cand, mask, texts)
+
+
+def records(tok, examples: list[Example], det: Detection, labels: torch.Tensor, n: int) -> list[dict]:
+    """The first n examples token by token (Δ, confounder and distractor flags), for the
+    W&B table `leaf_confounders` and leaf_report.json."""
+    return [{"uid": ex.sample.uid, "tokens": [tok.decode([t]) for t in ex.input_ids],
+             "delta": det.delta[i, : len(ex.input_ids)].tolist(),
+             "confounder": det.confounders[i, : len(ex.input_ids)].tolist(),
+             "distractor": labels[i, : len(ex.input_ids)].tolist()}
+            for i, ex in enumerate(examples[:n])]
+
+
+def prune_detected(examples: list[Example], det: Detection, mode: str) -> list[Example]:
+    """Every example's counterfactuals (one per confounder span, or one collective)."""
+    out = []
+    for i, ex in enumerate(examples):
+        spans = det.spans(i)
+        if spans:
+            out += counterfactuals(ex, spans, mode)
+    return out
+
+
+def greedy_correct(engine, examples: list[Example], tok, pool, max_new_tokens: int) -> list[bool]:
+    """Whether a model (a vLLM engine actor) answers each example's input correctly, greedy.
+    The text generated after the input is judged by the task's verifier."""
+    if not examples:
+        return []
+    comps = ray.get(engine.generate.remote([e.input_ids for e in examples], 1, 0.0, 1.0,
+                                           max_new_tokens))
+    texts = tok.batch_decode([c[0].token_ids for c in comps], skip_special_tokens=True)
+    items = [RewardItem(response=t, answer=e.sample.answer, meta=e.sample.meta,
+                        verifier=e.sample.task) for t, e in zip(texts, examples)]
+    return [r.components.get(e.sample.task, 0.0) == 1.0
+            for r, e in zip(pool.score(items), examples)]
