@@ -61,10 +61,18 @@ def print_summary(summary: dict, cfg) -> None:
         f"held-out accuracy, final policy     : {summary['final_accuracy']:.3f} greedy, "
         f"{summary['final_accuracy_sampled']:.3f} sampled",
         credit_line(summary),
+        *leaf_line(summary),
         f"cold start {summary['cold_start_s']:.0f} s, actors {summary['actors_start_s']:.0f} s, "
         f"RL loop {summary['rl_wall_s']:.0f} s; outputs in {cfg.output_dir}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def leaf_line(summary: dict) -> list[str]:
+    share = summary.get("leaf_share_of_step", float("nan"))
+    if share != share:  # LeaF's RL terms were off
+        return []
+    return [f"LeaF in RL: detection + counterfactual groups = {100 * share:.1f}% of step time"]
 
 
 def credit_line(summary: dict) -> str:

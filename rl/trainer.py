@@ -388,9 +388,11 @@ class Trainer:
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
         shares = []  # NaN where the statistics pass cannot be timed apart (fused GPU kernels)
+        leaf_shares = []
         for step in bar:
             metrics = self.train_step(step)
             shares.append(metrics["time/credit_share"])
+            leaf_shares.append(metrics["time/leaf_share"])
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 t0 = time.perf_counter()
@@ -418,6 +420,8 @@ class Trainer:
                    "policy_init": self.policy_init,  # the cold start, or its distilled student
                    # statistics pass + γ, as a share of step time (mean over this run's steps)
                    "credit_share_of_step": float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
+                   # LeaF in RL (detection + extra groups), as a share of step time
+                   "leaf_share_of_step": float(np.mean(leaf_shares)) if self.online_leaf and leaf_shares else float("nan"),
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)

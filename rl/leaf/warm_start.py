@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -63,11 +64,12 @@ def run_distill(cfg, cache: Path, student_path: str, progress: bool = True) -> s
     if final.exists() and d.reuse:
         log.info("distill (%s): reusing %s", d.name, final)
         return str(final)
+    shutil.rmtree(final, ignore_errors=True)
     return str(atomic_dir(final, lambda tmp: _build(cfg, student_path, teacher, vocab, tmp,
                                                     progress)))
 
 
-def _build(cfg, student_path: str, teacher_path: str, vocab: int, out: Path,
+def _build(cfg, student_path: str, teacher: str, vocab: int, out: Path,
            progress: bool) -> None:
     from rl.runtime import start_learner
 
@@ -77,21 +79,21 @@ def _build(cfg, student_path: str, teacher_path: str, vocab: int, out: Path,
     task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
     colocated = cfg.teacher.placement == "colocated"
     learner = start_learner(cfg, student_path, lr=d.lr, minibatch_size=d.batch_size,
-                            teacher_model_path=teacher_path if colocated else None)
-    teacher = TeacherGroup(teacher_path, cfg.teacher, cfg.model.dtype, vocab,
-                           learner=learner if colocated else None)
+                            teacher_model_path=teacher if colocated else None)
+    teachers = TeacherGroup(teacher, cfg.teacher, cfg.model.dtype, vocab,
+                            learner=learner if colocated else None)
     pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
-    report: dict = {"mode": d.name, "teacher": teacher_path, "student": student_path}
+    report: dict = {"mode": d.name, "teacher": teacher, "student": student_path}
     try:
         pruned: list[Example] = []
         if d.name.startswith("leaf"):
-            pruned = find_counterfactuals(cfg, task, tok, learner, teacher, pool, report,
-                                          teacher_path, student_path)
-        distil(cfg, task, tok, learner, teacher, pruned, report, progress)
+            pruned = find_counterfactuals(cfg, task, tok, learner, teachers, pool, report,
+                                          teacher, student_path)
+        distil(cfg, task, tok, learner, teachers, pruned, report, progress)
         learner.export_hf(str(out))
     finally:
         pool.close()
-        teacher.shutdown()
+        teachers.shutdown()
         learner.shutdown()
     report["wall_s"] = time.perf_counter() - t0
     (out / "leaf_report.json").write_text(json.dumps(report, indent=1))
@@ -105,7 +107,7 @@ def read_report(path: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher_path: str,
+def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher_dir: str,
                          student_path: str) -> list[Example]:
     """Stage 1 and the validation filter: the counterfactual examples LeaF trains on."""
     import ray
@@ -115,7 +117,7 @@ def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher
     d, m, lf = cfg.distill, cfg.model, cfg.leaf
     samples = train_samples_at(task, d.detect_offset + seed_offset(cfg), d.detect_samples)
     student_engine = start_engine(cfg, student_path, cfg.seed)
-    teacher_engine = start_engine(cfg, teacher_path, cfg.seed)
+    teacher_engine = start_engine(cfg, teacher_dir, cfg.seed)
     wait_ready([student_engine, teacher_engine])
     max_new = cfg.rollout.max_new_tokens
     try:

@@ -7,7 +7,8 @@ That makes it the natural check for LeaF-style confounder detection and for "evi
 attention (AVAR): the labelled spans say precisely which tokens matter.
 
     prompt    "Vars.\\nk=3;q=k+4;d=k+5;m=q*2\\nm?\\n"   evidence: each relevant statement,
-                                                         distractors: "d=k+5", query: "m?"
+                                                         distractors: ";d=k+5" (with its
+                                                         separator), query: "m?"
     solution  "k=3\\nq=3+4=7\\nm=7*2=14\\n#### 14"
 """
 from __future__ import annotations
@@ -96,9 +97,17 @@ class ChainTask(ProceduralTask):
             rng.shuffle(statements)
 
         b = PromptBuilder().add(SYSTEM, "system")
+        skip_sep = False
         for i, (text, relevant) in enumerate(statements):
-            b.add(";" if i else "")
-            b.add(text, "evidence" if relevant else "distractor")
+            sep = ";" if i and not skip_sep else ""
+            skip_sep = False
+            if relevant:
+                b.add(sep).add(text, "evidence")
+            elif sep or i == len(statements) - 1:
+                b.add(sep + text, "distractor")   # with its separator: deleting the span
+            else:                                 # leaves a well-formed chain (LeaF's oracle)
+                b.add(text + ";", "distractor")
+                skip_sep = True
         b.add("\n").add(f"{chain[-1]}?", "query").add("\n")
         answer = str(value)
         return Sample(uid="", task=self.verifier, prompt=b.text, answer=answer,

@@ -26,6 +26,7 @@ SUMMARY = re.compile(
     r"held-out accuracy, cold-start model : (?P<cold>[\d.]+) greedy, (?P<cold_s>[\d.]+) sampled\n"
     r"held-out accuracy, final policy     : (?P<final>[\d.]+) greedy, (?P<final_s>[\d.]+) sampled\n"
     r"credit '(?P<credit>\w+)'.*\n"
+    r"(?:LeaF in RL: .*\n)?"
     r".*outputs in (?P<out>\S+)")
 
 

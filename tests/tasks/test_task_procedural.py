@@ -104,7 +104,14 @@ def test_chain_evidence_and_distractors():
         assert [e.split("=")[0] for e in evidence] == chain        # in order when not shuffled
         assert s.segment_text("query") == [f"{chain[-1]}?"]
         noise = [s.prompt[a:b] for a, b in s.distractors]
-        assert len(noise) == 2 and all(n.split("=")[0] not in chain for n in noise)
+        assert len(noise) == 2 and all(n.strip(";").split("=")[0] not in chain for n in noise)
+        # a distractor span carries one separator, so deleting the spans leaves a clean chain
+        kept, last = "", 0
+        for a, b in s.distractors:
+            kept, last = kept + s.prompt[last:a], b
+        kept += s.prompt[last:]
+        assert ";;" not in kept and ";\n" not in kept and "\n;" not in kept
+        assert all(n.count(";") == 1 for n in noise)
         # removing the distractors leaves a prompt with the same answer
         env = {}
         for stmt in evidence:
