@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-WARM_ARMS = ["none", "kd", "leaf", "leaf_response"]
+WARM_ARMS = ["none", "kd", "leaf", "leaf_response", "leaf_no_validation"]
 RL_ARMS = ["grpo", "leaf_kl", "leaf_groups"]
 
 
@@ -26,7 +26,11 @@ def load(root: Path) -> dict[str, dict[int, dict]]:
         run = {"summary": json.loads(f.read_text())}
         m = f.parent / "metrics.jsonl"
         run["metrics"] = [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.exists() else []
-        rep = Path(run["summary"].get("policy_init", "")) / "leaf_report.json"
+        # the distillation report: copied beside the run (committed results), else the one
+        # beside its distilled checkpoint
+        rep = f.parent / "leaf_report.json"
+        if not rep.is_file():
+            rep = Path(run["summary"].get("policy_init", "")) / "leaf_report.json"
         run["report"] = json.loads(rep.read_text()) if rep.is_file() else None
         runs.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = run
     return runs
