@@ -24,24 +24,17 @@ def main(cfg: DictConfig) -> str:
     import json
     from pathlib import Path
 
-    import ray
-
     from rl.cold_start import run_cold_start
-    from rl.config import check_config
     from rl.leaf.warm_start import run_distill
-    from rl.runtime import init_ray
+    from rl.runtime import stage_session
 
-    check_config(cfg)
     if cfg.distill.name == "none":
         raise SystemExit("launch.distill: choose a mode, e.g. distill=leaf teacher=tiny "
                          "(distill=none means no distillation stage)")
-    init_ray(cfg.cluster)
     cache = Path(cfg.cache_dir)
-    try:
+    with stage_session(cfg):
         student = run_cold_start(cfg, cache, cfg.logger.progress)
         path = run_distill(cfg, cache, student, cfg.logger.progress)
-    finally:
-        ray.shutdown()
     report = json.loads((Path(path) / "leaf_report.json").read_text())
     print(json.dumps(report, indent=1))
     print(f"distilled checkpoint ({cfg.distill.name}): {path}", flush=True)

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kernels import StatsSpec
-    from rl.credit.preplan_anchor import PreplanAnchorParams, attention_credit
+    from rl.credit.preplan_anchor import attention_credit
 
     try:
         hf = resolve_checkpoint(args.checkpoint)

@@ -22,18 +22,11 @@ register_configs()
 def main(cfg: DictConfig) -> str:
     from pathlib import Path
 
-    import ray
-
     from rl.cold_start import run_cold_start
-    from rl.config import check_config
-    from rl.runtime import init_ray
+    from rl.runtime import stage_session
 
-    check_config(cfg)
-    init_ray(cfg.cluster)
-    try:
+    with stage_session(cfg):
         path = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
-    finally:
-        ray.shutdown()
     print(f"cold-start checkpoint: {path}", flush=True)
     return path
 

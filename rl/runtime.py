@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -40,6 +41,20 @@ def init_ray(cluster) -> None:
     num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, 4)
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
              log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+
+
+@contextmanager
+def stage_session(cfg):
+    """For entry points that run one pipeline stage (launch.sft, launch.distill): the config
+    checked before anything starts, Ray up for the stage's actors, and down afterwards."""
+    from rl.config import check_config
+
+    check_config(cfg)
+    init_ray(cfg.cluster)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:

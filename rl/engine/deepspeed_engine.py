@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from rl.algorithms.losses import distill_loss, policy_loss, sft_loss
 from rl.engine.base import TrainEngine
-from rl.engine.frozen import FrozenModel, input_grad_norms, next_token_logprobs, topk_logprobs
+from rl.engine.frozen import (FrozenModel, input_grad_norms, logits_of, next_token_logprobs,
+                              topk_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ class DeepSpeedEngine(TrainEngine):
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def _forward(self, model, b, temperature, with_entropy=True):
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
-                    use_cache=False)
-        return token_logprobs(out.logits, b["input_ids"], temperature, with_entropy)
+        return token_logprobs(logits_of(model, b), b["input_ids"], temperature, with_entropy)
 
     @torch.no_grad()
     def score(self, batch, temperature=1.0, stats: dict | None = None):
@@ -162,10 +161,8 @@ class DeepSpeedEngine(TrainEngine):
     @torch.no_grad()
     def topk_logprobs(self, batch, k: int, temperature: float = 1.0):
         self.engine.eval()
-        b = self._to(batch)
-        out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
-                          use_cache=False)
-        ids, values = topk_logprobs(next_token_logprobs(out.logits, temperature), k)
+        logits = logits_of(self.engine, self._to(batch))
+        ids, values = topk_logprobs(next_token_logprobs(logits, temperature), k)
         return ids.cpu(), values.cpu()
 
     def input_grad_norms(self, batch):
@@ -251,12 +248,12 @@ class DeepSpeedEngine(TrainEngine):
 
     def _micro_loss(self, b, loss, loss_cfg, normaliser, temperature):
         if loss == "distill":
-            return self._distill_term(self._logits(b), b, normaliser)
+            return self._distill_term(logits_of(self.engine, b), b, normaliser)
         if loss == "sft":
-            lp, _ = token_logprobs(self._logits(b), b["input_ids"], temperature, False)
+            lp, _ = token_logprobs(logits_of(self.engine, b), b["input_ids"], temperature, False)
             return sft_loss(lp, b["response_mask"], normaliser), {}
         kd = {k[3:]: v for k, v in b.items() if k.startswith("kd_") and k != "kd_normaliser"}
-        logits, kd_logits = self._joint_logits(b, kd) if kd else (self._logits(b), None)
+        logits, kd_logits = self._joint_logits(b, kd) if kd else (logits_of(self.engine, b), None)
         need_ent = loss_cfg.entropy_coef > 0
         lp, ent = token_logprobs(logits, b["input_ids"], temperature, need_ent)
         value, metrics = policy_loss(lp, b["old_logprobs"], b["advantages"], b["response_mask"],
@@ -268,10 +265,6 @@ class DeepSpeedEngine(TrainEngine):
             value = value + loss_cfg.kd_coef * kd_value
             metrics.update(kd_metrics)
         return value, metrics
-
-    def _logits(self, b):
-        return self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
-                           use_cache=False).logits
 
     def _joint_logits(self, b, kd):
         """Policy rows and LeaF KD rows in one forward, right-padded to a common width (under

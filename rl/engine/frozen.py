@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from rl.engine.base import ScoringEngine
 
 
+def logits_of(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T, V] logits of a right-padded batch (no KV cache: one full forward)."""
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
+                 use_cache=False).logits
+
+
 def next_token_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[B, T, V] log-probs aligned like `token_logprobs`: column t is the distribution that
     predicts token t (from positions < t); column 0 predicts nothing and is all zeros."""
@@ -70,9 +76,7 @@ class FrozenModel(ScoringEngine):
     @torch.no_grad()
     def full_logprobs(self, batch, temperature: float = 1.0) -> torch.Tensor:
         b = self._to(batch)
-        out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
-                         use_cache=False)
-        return next_token_logprobs(out.logits[..., : self.vocab_size], temperature)
+        return next_token_logprobs(logits_of(self.model, b)[..., : self.vocab_size], temperature)
 
     def score(self, batch, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         logp = self.full_logprobs(batch, temperature)

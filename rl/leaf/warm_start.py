@@ -123,14 +123,13 @@ def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher
     try:
         originals = [instruction_example(tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
         correct = greedy_correct(student_engine, originals, tok, pool, max_new)
-        wrong = [s for s, ok in zip(samples, correct) if not ok]
+        wrong = [ex for ex, ok in zip(originals, correct) if not ok]
         report.update(detect_samples=len(samples), student_accuracy=sum(correct) / len(samples),
                       student_wrong=len(wrong))
-        levels = [("instruction", [instruction_example(tok, s, m.prompt_prefix, m.response_prefix)
-                                   for s in wrong])]
+        levels = [("instruction", wrong)]
         if d.name == "leaf_response":
-            resp = [response_example(tok, s, m.prompt_prefix, m.response_prefix, d.response_segments)
-                    for s in wrong]
+            resp = [response_example(tok, ex.sample, m.prompt_prefix, m.response_prefix,
+                                     d.response_segments) for ex in wrong]
             levels.append(("response", [e for e in resp if e is not None]))
         kept: list[Example] = []
         for level, examples in levels:
