@@ -6,7 +6,8 @@ LeaF + response level) and LeaF inside RL (GRPO / + KD term (b) / + counterfactu
 
 Reads `<root>/<arm>/seed<k>/{summary.json,metrics.jsonl}` (written by the trainer) and, for
 the warm start, the `leaf_report.json` beside each run's distilled checkpoint. Writes
-`table.md` (mean ± std over seeds; Δ against the first arm paired by seed) under --out.
+`table.md` (mean ± std over seeds; Δ against the first arm paired by seed) under --out, and for
+RL `curves.png`.
 """
 from __future__ import annotations
 
@@ -16,39 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from runs import load as load_runs, mean_metric, paired, plot_curves, pm
+
 WARM_ARMS = ["none", "kd", "leaf", "leaf_response", "leaf_no_validation"]
 RL_ARMS = ["grpo", "leaf_kl", "leaf_groups"]
 
 
 def load(root: Path) -> dict[str, dict[int, dict]]:
-    runs: dict[str, dict[int, dict]] = {}
-    for f in sorted(root.glob("*/seed*/summary.json")):
-        run = {"summary": json.loads(f.read_text())}
-        m = f.parent / "metrics.jsonl"
-        run["metrics"] = [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.exists() else []
-        # the distillation report: copied beside the run (committed results), else the one
-        # beside its distilled checkpoint
-        rep = f.parent / "leaf_report.json"
-        if not rep.is_file():
-            rep = Path(run["summary"].get("policy_init", "")) / "leaf_report.json"
-        run["report"] = json.loads(rep.read_text()) if rep.is_file() else None
-        runs.setdefault(f.parent.parent.name, {})[int(f.parent.name[4:])] = run
+    runs = load_runs(root)
+    for arm in runs.values():
+        for run in arm.values():
+            # the distillation report: copied beside the run (committed results), else the
+            # one beside its distilled checkpoint
+            rep = run["dir"] / "leaf_report.json"
+            if not rep.is_file():
+                rep = Path(run["summary"].get("policy_init", "")) / "leaf_report.json"
+            run["report"] = json.loads(rep.read_text()) if rep.is_file() else None
     return runs
-
-
-def pm(xs) -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "—"
-    return f"{np.mean(xs):.1f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.1f}"
-
-
-def paired(runs, arm, base, key) -> str:
-    seeds = sorted(set(runs[arm]) & set(runs.get(base, {})))
-    if arm == base or not seeds:
-        return "—"
-    d = [100 * (runs[arm][s]["summary"][key] - runs[base][s]["summary"][key]) for s in seeds]
-    return f"{np.mean(d):+.1f} ± {np.std(d, ddof=1) if len(d) > 1 else 0.0:.1f}"
 
 
 def warm_table(runs) -> str:
@@ -80,19 +65,20 @@ def rl_table(runs) -> str:
     for a in arms:
         rs = runs[a]
 
-        def mean_metric(key):
-            return [np.nanmean([m[key] for m in r["metrics"] if key in m] or [np.nan]) for r in rs.values()]
+        def per_seed(key):
+            return [mean_metric(r, key) for r in rs.values()]
 
         fin = [100 * r["summary"]["final_accuracy"] for r in rs.values()]
         fins = [100 * r["summary"]["final_accuracy_sampled"] for r in rs.values()]
-        step_s = np.mean(mean_metric("time/step_s"))
-        share = mean_metric("time/leaf_share")
-        conf = mean_metric("leaf/confounder_share")
-        p, r_ = mean_metric("leaf/precision"), mean_metric("leaf/recall")
+        step_s = np.mean(per_seed("time/step_s"))
+        share = per_seed("time/leaf_share")
+        conf = per_seed("leaf/confounder_share")
+        p, r_ = per_seed("leaf/precision"), per_seed("leaf/recall")
         lines.append(f"| {a} | {','.join(map(str, sorted(rs)))} | {pm(fin)} | "
                      f"{paired(runs, a, RL_ARMS[0], 'final_accuracy')} | {pm(fins)} | "
                      f"{paired(runs, a, RL_ARMS[0], 'final_accuracy_sampled')} | {step_s:.2f} | "
-                     f"{pm([100 * x for x in share])}% | {pm([100 * x for x in conf])}% | "
+                     f"{pm([100 * x for x in share]) + '%' if max(share) > 1e-3 else '—'} | "
+                     f"{pm([100 * x for x in conf]) + '%' if any(x == x for x in conf) else '—'} | "
                      f"{pm([100 * x for x in p])} / {pm([100 * x for x in r_])} |")
     cold = next(iter(next(iter(runs.values())).values()))["summary"]
     lines += ["", f"Start (the shared cold start): {100 * cold['cold_start_accuracy']:.1f} greedy, "
@@ -111,6 +97,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
+    if args.kind == "rl":
+        arms = [a for a in RL_ARMS if a in runs] + sorted(set(runs) - set(RL_ARMS))
+        plot_curves(runs, arms, [("eval/accuracy", "held-out accuracy, greedy (%)", 100),
+                                 ("eval/accuracy_sampled", "held-out accuracy, sampled (%)", 100)],
+                    out / "curves.png", "LeaF in RL (mean ± std over seeds)")
     print(text)
 
 

@@ -99,9 +99,10 @@ def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_
 
 
 def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
-                     layers: str, spec, impl: str):
+                     layers: str, spec, impl: str, prompt_classes: list[int] | None = None):
     """One forward over prompt ⊕ response rows (right-padded) under AttentionCapture, as the
-    learner's scoring forward: ({layer: {name: [B, H, T]}}, response mask [B, T])."""
+    learner's scoring forward: ({layer: {name: [B, H, T]}}, response mask [B, T]). With
+    `prompt_classes` (task token classes of the prompt), also AVAR's key-class masses."""
     import torch
 
     from kernels import AttentionCapture
@@ -112,8 +113,16 @@ def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], p
     am = pad_rows([[1] * len(r) for r in rows], 0, torch.long)
     resp = pad_rows([[0] * len(prompt_ids) + [1] * len(r) for r in responses], 0, torch.bool)
     dev = model.device
+    kc = None
+    if prompt_classes is not None:
+        from rl.avar.scores import N_CLASSES, key_classes
+        from rl.batch import TOKEN_CLASS
+
+        spec = spec.replace(n_classes=N_CLASSES)
+        tc = pad_rows([prompt_classes + [TOKEN_CLASS["response"]] * len(r) for r in responses], 0, torch.int8)
+        kc = key_classes(tc).to(dev)
     cap = AttentionCapture(model, layers=layers, spec=spec, impl=impl)
-    with torch.no_grad(), cap(response_mask=resp.to(dev)) as captured:
+    with torch.no_grad(), cap(response_mask=resp.to(dev), key_classes=kc) as captured:
         model(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False)
     if not captured:
         raise RuntimeError(f"no attention statistics captured for layers={layers!r}")
@@ -154,6 +163,10 @@ def parse_args(argv):
                     "of the run that wrote --checkpoint; adds each prompt token's sensitivities ĝ_T, ĝ_S, "
                     "Δ and the confounders LeaF would prune")
     ap.add_argument("--quantile", type=float, default=0.10, help="LeaF confounder quantile (leaf.quantile)")
+    ap.add_argument("--vas", action="store_true",
+                    help="AVAR: each token's attention to the evidence over the system prompt, and the "
+                    "VAS of the response and of the user query, per layer (a --prompt's first line is "
+                    "taken as the system prompt, the rest as the evidence)")
     ap.add_argument("--distractors", action="store_true",
                     help="with --task-sample: the problem with a distractor (arith distractor_prob=1)")
     ap.add_argument("--device", default="cpu")
@@ -206,7 +219,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     spec = StatsSpec(distance=True, waad_window=p.waad_window, fai_band=tuple(p.fai_band))
     layers = args.layers if not args.layers[0].isdigit() else [int(x) for x in args.layers.split(",")]
     impl = "blockwise" if str(args.device).startswith("cpu") else "auto"
-    stats, resp = score_with_stats(model, prompt_ids, responses, _pad_id(tok), layers, spec, impl)
+    classes = None
+    if args.vas:
+        sample = task_sample(args.task_sample, args.distractors) if args.task_sample is not None else None
+        classes = prompt_token_classes(tok, prompt, sample)
+    stats, resp = score_with_stats(model, prompt_ids, responses, _pad_id(tok), layers, spec, impl,
+                                   classes)
     gamma, trace, dist = attention_credit(stats, resp, args.strategy, p)
 
     ctx = {"prompt": prompt, "answer": answer, "strategy": args.strategy, "checkpoint": hf,
@@ -222,12 +240,68 @@ def main(argv: list[str] | None = None) -> list[Path]:
             labels = distractor_flags(tok, task_sample(args.task_sample, args.distractors), prompt)
         teacher = run_teacher(hf) if args.teacher == "run" else args.teacher
         leaf = leaf_views(hf, teacher, tok, prompt_ids, responses, args.quantile, labels)
+    avar = avar_views(stats, resp, tok, prompt_ids, responses, classes) if args.vas else None
     written = []
     for i, r_ids in enumerate(responses):
-        written += write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx,
-                                None if leaf is None else leaf[i])
-        print("\n".join(str(x) for x in written[-3 if leaf else -2:]))
+        new = write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx,
+                           None if leaf is None else leaf[i], None if avar is None else avar[i])
+        written += new
+        print("\n".join(str(x) for x in new))
     return written
+
+
+def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
+    """Task token classes of the prompt's tokens: from the sample's labelled segments, or for
+    a free prompt, its first line as the system prompt and the rest as the evidence."""
+    from rl.data import encode_prompt
+    from rl.tasks import Sample
+
+    if sample is None:
+        cut = prompt.find("\n") + 1 or len(prompt)
+        sample = Sample(uid="prompt", task="", prompt=prompt, answer="", solution="",
+                        segments={"system": [(0, cut)], "evidence": [(cut, len(prompt))]})
+    offset = prompt.index(sample.prompt)
+    enc = encode_prompt(tok, sample, prompt[:offset], prompt[offset + len(sample.prompt):])
+    return enc.classes
+
+
+def avar_views(stats: dict, resp, tok, prompt_ids, responses, classes: list[int]) -> list[dict]:
+    """Per response: every token's evidence/system attention ratio (head- and layer-averaged,
+    as VARS reads it), system/evidence marks, and VAS (response, user query) overall and per
+    layer."""
+    import torch
+
+    from rl.avar.scores import EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas
+    from rl.batch import TOKEN_CLASS
+    from rl.data import pad_rows
+
+    mass = {layer: st["mass"] for layer, st in stats.items()}
+    tc = pad_rows([classes + [TOKEN_CLASS["response"]] * len(r) for r in responses], 0, torch.int8)
+    am = pad_rows([[1] * (len(prompt_ids) + len(r)) for r in responses], 0, torch.bool)
+    kc = key_classes(tc)
+    query = user_query_mask(tc, am, resp)
+    m = torch.stack([mass[layer].double() for layer in sorted(mass)]).mean(2)  # [L, B, T, 2]
+    ratio = (m[..., EVIDENCE] / (m[..., SYSTEM] + 1e-6)).mean(0)
+    vas_r, per_layer_r = vas(mass, resp)
+    vas_q, per_layer_q = vas(mass, query)
+    r_vis = r_visual(mass, resp, torch.ones(len(responses)))
+    views = []
+    for i, r in enumerate(responses):
+        ids = list(prompt_ids) + list(r)
+        n = len(ids)
+        table = {"VAS, response tokens": f"{float(vas_r[i]):.3f}",
+                 "VAS, user-query tokens": f"{float(vas_q[i]):.3f}",
+                 "r_visual (VARS, if correct)": f"{float(r_vis[i]):.3f}"}
+        for j, layer in enumerate(sorted(mass)):
+            table[f"layer {layer}: VAS response / query"] = \
+                f"{float(per_layer_r[j, i]):.3f} / {float(per_layer_q[j, i]):.3f}"
+        views.append({"tokens": [tok.decode([t]) for t in ids],
+                      "values": {"evidence/system": [_short(x) for x in ratio[i, :n].tolist()]},
+                      "marks": {"system": (kc[i, :n] == SYSTEM).tolist(),
+                                "evidence": (kc[i, :n] == EVIDENCE).tolist(),
+                                "response": resp[i, :n].tolist()},
+                      "table": table})
+    return views
 
 
 def run_teacher(hf: Path) -> str:
@@ -316,9 +390,10 @@ def head_group_rows(stats: dict, trace, dist, n_responses: int) -> dict[str, str
 
 
 def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, sets, ctx: dict,
-                 leaf: dict | None = None) -> list[Path]:
-    """sample_<i>.html (prompt, response, WAAD / FAI / γ views, head groups, parameters; and
-    with a teacher, LeaF's view of the prompt) and sample_<i>.png (+ sample_<i>_leaf.png)."""
+                 leaf: dict | None = None, avar: dict | None = None) -> list[Path]:
+    """sample_<i>.html (prompt, response, WAAD / FAI / γ views, head groups, parameters; with
+    a teacher, LeaF's view of the prompt; with --vas, AVAR's view of the whole sequence) and
+    sample_<i>.png (+ sample_<i>_leaf.png, sample_<i>_avar.png)."""
     from rl.credit.render import credit_html, credit_page, credit_png, table_html, text_html
 
     pos = resp_row.nonzero(as_tuple=True)[0]
@@ -341,6 +416,13 @@ def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, 
         leaf_png = out / f"sample_{i}_leaf.png"
         credit_png(leaf["tokens"], leaf["values"], leaf_png, title=leaf_title, marks=leaf["marks"])
         written.append(leaf_png)
+    if avar is not None:
+        avar_title = "AVAR: attention to the evidence / to the system prompt (head and layer mean)"
+        sections += [credit_html(avar["tokens"], avar["values"], title=avar_title, marks=avar["marks"]),
+                     table_html("AVAR: VAS", avar["table"])]
+        avar_png = out / f"sample_{i}_avar.png"
+        credit_png(avar["tokens"], avar["values"], avar_png, title=avar_title, marks=avar["marks"])
+        written.append(avar_png)
     html_path, png_path = out / f"sample_{i}.html", out / f"sample_{i}.png"
     html_path.write_text(credit_page(sections, title), encoding="utf-8")
     credit_png(tokens, values, png_path, title=title, marks=marks)

@@ -62,6 +62,7 @@ def print_summary(summary: dict, cfg) -> None:
         f"{summary['final_accuracy_sampled']:.3f} sampled",
         credit_line(summary),
         *leaf_line(summary),
+        *avar_line(summary),
         f"cold start {summary['cold_start_s']:.0f} s, actors {summary['actors_start_s']:.0f} s, "
         f"RL loop {summary['rl_wall_s']:.0f} s; outputs in {cfg.output_dir}",
     ]
@@ -73,6 +74,15 @@ def leaf_line(summary: dict) -> list[str]:
     if share != share:  # LeaF's RL terms were off
         return []
     return [f"LeaF in RL: detection + counterfactual groups = {100 * share:.1f}% of step time"]
+
+
+def avar_line(summary: dict) -> list[str]:
+    vas0, vas1 = summary.get("cold_start_vas", float("nan")), summary.get("final_vas", float("nan"))
+    if vas0 != vas0:  # VAS was not measured (no AVAR part on)
+        return []
+    share = summary.get("vars_share_of_step", float("nan"))
+    cost = f"; VARS = {100 * share:.1f}% of step time" if share == share else ""
+    return [f"AVAR: VAS (response tokens) {vas0:.2f} → {vas1:.2f}{cost}"]
 
 
 def credit_line(summary: dict) -> str:

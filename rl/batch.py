@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 # Token classes per position, for credit methods that care which prompt part a token is in.
-TOKEN_CLASS = {"other": 0, "system": 1, "evidence": 2, "distractor": 3, "response": 4}
+TOKEN_CLASS = {"other": 0, "system": 1, "evidence": 2, "distractor": 3, "response": 4, "image": 5}
 
 
 @dataclass

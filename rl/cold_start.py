@@ -16,9 +16,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from rl.avar.scores import AgtoConfig, check_classes, key_classes, user_query_mask
 from rl.data import collate_sft, encode_prompt, train_samples_at
 from rl.tasks import get_task
 from rl.tiny_model import TinyModelSpec, build_tiny_model
@@ -68,6 +70,26 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def agto_config(cfg) -> AgtoConfig | None:
+    """AVAR's attention terms when cold_start.objective=agto (§3.3.2), else None."""
+    if cfg.cold_start.objective != "agto":
+        return None
+    v = cfg.avar
+    return AgtoConfig(alpha=v.agto_alpha, beta=v.agto_beta, layers=v.layers, eps=v.eps,
+                      evidence=v.evidence)
+
+
+def agto_inputs(batch: dict, evidence: str) -> dict:
+    """What AGTO reads besides the tokens: AVAR key classes, the user-turn queries Q, and a
+    per-row weight that makes the terms a mean over the whole minibatch."""
+    tc = batch.pop("token_classes")
+    kc = key_classes(tc, evidence)
+    check_classes(kc, "cold_start.objective=agto")
+    return {"key_classes": kc,
+            "query_mask": user_query_mask(tc, batch["attention_mask"], batch["response_mask"]),
+            "agto_row_weight": torch.full((len(tc),), 1.0 / len(tc))}
+
+
 def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_start") -> str:
     """The HF folder the RL stage starts from (the base model if cold start is disabled).
     The same code trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
@@ -80,8 +102,11 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
     params = {**OmegaConf.to_container(cfg.task.params, resolve=True),
               **OmegaConf.to_container(cs.task_params, resolve=True)}
     schedule = {k: v for k, v in OmegaConf.to_container(cs, resolve=True).items()
-                if k != "task_params"}
-    key = config_hash(cfg.model, cfg.task.name, params, cfg.task.seed, schedule)
+                if k not in ("task_params", "objective")}
+    agto = agto_config(cfg)
+    # (the plain objective adds nothing, so checkpoints cached before AGTO existed stay valid)
+    key = config_hash(cfg.model, cfg.task.name, params, cfg.task.seed, schedule,
+                      *([asdict(agto)] if agto else []))
     final = cache / f"{prefix}-{key}"
     if final.exists() and cs.reuse:
         log.info("%s: reusing %s", prefix.replace("_", " "), final)
@@ -103,8 +128,12 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
             responses = [tok(s.solution, add_special_tokens=False)["input_ids"]
                          + [tok.eos_token_id] for s in samples]
             learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))
-            m = learner.train_minibatch(collate_sft(prompts, responses, tok.pad_token_id),
-                                        "sft", None, "token_mean")
+            batch = collate_sft(prompts, responses, tok.pad_token_id)
+            if agto:
+                batch.update(agto_inputs(batch, cfg.avar.evidence))
+            else:
+                batch.pop("token_classes")
+            m = learner.train_minibatch(batch, "sft", agto, "token_mean")
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         learner.export_hf(str(tmp))
         learner.shutdown()

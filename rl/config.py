@@ -46,6 +46,23 @@ class ColdStartConfig:
     # task.params overrides for the SFT data only (e.g. {distractor_prob: 0.0}: a student
     # that never saw a distractor, for LeaF); RL and evaluation use task.params.
     task_params: Dict[str, Any] = field(default_factory=dict)
+    # lm: next-token loss on the solutions. agto: + AVAR's attention terms (avar.agto_*).
+    objective: str = "lm"
+
+
+@dataclass
+class AvarConfig:
+    """AVAR (arXiv 2603.03825): attention to the evidence against attention to the system
+    prompt, read from the kernels' key-class masses (rl/avar/)."""
+    evidence: str = "evidence"        # the key class set against the system prompt: evidence (text tasks) | image (VLM)
+    layers: str = "all"               # layers VAS, VARS and AGTO read: all | middle:n
+    eps: float = 1e-6                 # ε of r_visual's and L_sys's denominators / logs
+    vas: str = "auto"                 # VAS at every evaluation: auto (when AGTO or VARS is on) | always | never
+    agto_alpha: float = 0.15          # cold_start.objective=agto: weight α of L_img (raise evidence attention)
+    agto_beta: float = 0.15           # ... and β of L_sys (lower system attention)
+    vars_coef: float = 0.0            # VARS λ_v: reward += λ_v · r_visual of correct responses (0 = off; paper 0.3)
+    vars_norm: str = "none"           # r_visual's scale: none | clip (at vars_clip) | group_z (z-score over a group's correct responses)
+    vars_clip: float = 10.0
 
 
 @dataclass
@@ -218,6 +235,7 @@ class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     leaf: LeafConfig = field(default_factory=LeafConfig)
+    avar: AvarConfig = field(default_factory=AvarConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -258,6 +276,10 @@ VALID_CHOICES = {
     "teacher.placement": ("actors", "colocated"),
     "distill.name": ("none", "kd", "leaf", "leaf_response"),
     "leaf.pruning": ("span", "collective"),
+    "cold_start.objective": ("lm", "agto"),
+    "avar.evidence": ("evidence", "image"),
+    "avar.vas": ("auto", "always", "never"),
+    "avar.vars_norm": ("none", "clip", "group_z"),
 }
 
 
@@ -290,6 +312,33 @@ def check_config(cfg) -> None:
     if credit.stats_request() and lr.attention == "sdpa":
         raise ValueError(f"credit={cfg.credit.name} reads attention statistics: learner.attention "
                          "must be kernels (or auto), not sdpa")
+    check_avar(cfg)
+
+
+def avar_masses_needed(cfg) -> bool:
+    """Does any AVAR part read key-class masses (AGTO cold start, VARS, VAS at eval)?"""
+    v = cfg.avar
+    return (cfg.cold_start.objective == "agto" or v.vars_coef > 0
+            or v.vas == "always")
+
+
+def vas_at_eval(cfg) -> bool:
+    v = cfg.avar
+    return v.vas == "always" or (v.vas == "auto" and (
+        cfg.cold_start.objective == "agto" or v.vars_coef > 0))
+
+
+def check_avar(cfg) -> None:
+    from kernels.capture import select_layers
+
+    v = cfg.avar
+    if v.vars_coef < 0 or v.agto_alpha < 0 or v.agto_beta < 0 or v.eps <= 0 or v.vars_clip <= 0:
+        raise ValueError("avar.vars_coef, agto_alpha, agto_beta must be >= 0 and avar.eps, "
+                         "vars_clip > 0")
+    select_layers(v.layers, 1 << 16)  # the form only; the range is checked against the model
+    if avar_masses_needed(cfg) and cfg.learner.attention == "sdpa":
+        raise ValueError("AVAR (cold_start.objective=agto, avar.vars_coef > 0 or avar.vas) reads "
+                         "attention masses: learner.attention must be kernels (or auto), not sdpa")
 
 
 def check_rollout(cfg) -> None:
@@ -350,7 +399,8 @@ def build_credit(cfg):
 
 
 def learner_attention(cfg) -> str:
-    """learner.attention with `auto` resolved: the kernels only when credit needs statistics."""
+    """learner.attention with `auto` resolved: the kernels only when credit or AVAR reads
+    attention statistics."""
     if cfg.learner.attention != "auto":
         return cfg.learner.attention
-    return "kernels" if build_credit(cfg).stats_request() else "sdpa"
+    return "kernels" if build_credit(cfg).stats_request() or avar_masses_needed(cfg) else "sdpa"

@@ -109,4 +109,6 @@ def collate_sft(prompts: list[EncodedPrompt], responses: list[list[int]], pad_id
         "input_ids": pad_rows(ids, pad_id, torch.long),
         "attention_mask": pad_rows([[1] * len(x) for x in ids], 0, torch.bool),
         "response_mask": pad_rows(resp, 0, torch.bool),
+        "token_classes": pad_rows([p.classes + [TOKEN_CLASS["response"]] * len(r)
+                                   for p, r in zip(prompts, responses)], 0, torch.int8),
     }

@@ -70,6 +70,17 @@ class Tracker:
         data = [[wandb.Html(v) if h else v for v, h in zip(row, html)] for row in rows]
         self.run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
 
+    def line_plot(self, name: str, xname: str, xs: list, series: dict[str, list[float]],
+                  step: int) -> None:
+        """One W&B line chart of several series over a shared x (e.g. VAS by layer)."""
+        if self.run is None or not series:
+            return
+        import wandb
+
+        self.run.log({name: wandb.plot.line_series(xs=list(xs), ys=list(series.values()),
+                                                   keys=list(series), title=name, xname=xname)},
+                     step=step)
+
     def summary(self, values: dict) -> None:
         if self.run is not None:
             for k, v in values.items():

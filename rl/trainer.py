@@ -34,6 +34,7 @@ from rl.leaf.examples import distractor_labels
 from rl.leaf.online import OnlineLeaf
 from rl.leaf.warm_start import read_report, run_distill
 from rl.runtime import init_ray, start_engines, start_learner, wait_ready
+from rl.scoring_plan import StatsPlan, num_layers
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
 from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
@@ -73,7 +74,6 @@ class Trainer:
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
             tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg, kd_coef=cfg.leaf.kl_coef)
         self.credit = build_credit(cfg)
-        self.stats_request = self.credit.stats_request()
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self.ckpts.latest() if cfg.resume else None
         run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -92,6 +92,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.policy_init = run_distill(cfg, Path(cfg.cache_dir), cold, cfg.logger.progress)
         self.timings["distill_s"] = time.perf_counter() - t0
+        self.stats_plan = StatsPlan(cfg, self.credit, num_layers(self.policy_init))
 
         leaf_on = cfg.leaf.kl_coef > 0 or cfg.leaf.counterfactual_groups > 0
         teacher = teacher_path(cfg, Path(cfg.cache_dir), cfg.logger.progress) if leaf_on else None
@@ -192,19 +193,32 @@ class Trainer:
             batch = RolloutBatch.concat(batch, extra)
         return batch, kd, {f"leaf/{k}": v for k, v in metrics.items()}
 
-    def score(self, batch: RolloutBatch) -> None:
-        """Old logprobs and entropy — and, when the credit method reads them, the attention
-        statistics — from one no-grad forward of the current policy."""
+    def score(self, batch: RolloutBatch):
+        """Old logprobs and entropy — and, when credit or AVAR read them, the attention
+        statistics — from one no-grad forward of the current policy. Returns AVAR's key-class
+        masses ({layer: [B, H, T, 2]}) or None."""
         t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
              "response_mask": batch.response_mask}
-        out = self.learner.score(t, self.cfg.rollout.temperature, self.stats_request)
-        batch.attn_stats = out.get("attn_stats")
+        plan = self.stats_plan
+        if plan.vars_on:
+            t["key_classes"] = plan.avar.key_classes(batch)
+        out = self.learner.score(t, self.cfg.rollout.temperature, plan.train_request)
+        stats = out.get("attn_stats")
+        batch.attn_stats = plan.credit_view(stats)
         self.last_stats_s = out.get("stats_s", 0.0)
         mask = batch.response_mask
         batch.old_logprobs = out["logprobs"] * mask
         batch.entropy = out["entropy"] * mask
         if self.alg.kl_coef > 0:
             batch.ref_logprobs = self.learner.ref_score(t, self.cfg.rollout.temperature) * mask
+        return plan.avar.masses(stats) if plan.vars_on else None
+
+    def visual_reward(self, batch: RolloutBatch, mass) -> dict:
+        """AVAR's VARS (rl/avar): reward += λ_v · r_visual from the scoring forward's attention
+        masses, before advantages normalise the groups. A no-op unless avar.vars_coef > 0."""
+        if mass is None:
+            return {}
+        return self.stats_plan.avar.shape_rewards(batch, mass)
 
     def advantages(self, batch: RolloutBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Per-response advantages, then credit γ_t (which may read their sign), then
@@ -259,7 +273,8 @@ class Trainer:
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
         batch, kd, leaf_metrics = timed("leaf", self.leaf_terms, batch, step)
-        timed("score", self.score, batch)
+        avar_mass = timed("score", self.score, batch)
+        vars_metrics = timed("vars", self.visual_reward, batch, avar_mass)
         adv, credit_metrics = self.advantages(batch, step)
         times["time/credit_s"] = credit_metrics.pop("time_s")
         times["time/stats_s"] = self.last_stats_s
@@ -271,13 +286,16 @@ class Trainer:
         # What LeaF in RL costs: detection and the extra groups' rollouts (its KD rows ride
         # inside the update's forwards and are not timed apart).
         times["time/leaf_share"] = times["time/leaf_s"] / times["time/step_s"]
+        # What VARS costs: the statistics pass (shared with credit when both read attention,
+        # then an upper bound) plus the reward stage.
+        times["time/vars_share"] = (times["time/stats_s"] + times["time/vars_s"]) / times["time/step_s"]
 
         mask = batch.response_mask
         n_tokens = float(mask.sum())
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()
         metrics = {
             **reward_metrics, **train_metrics, **times, **sync,
-            **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics,
+            **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics, **vars_metrics,
             "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
             "rollout/response_len": float(batch.response_lengths().float().mean()),
             "rollout/truncated": float(np.mean([m["finish_reason"] == "length" for m in batch.meta])),
@@ -341,6 +359,16 @@ class Trainer:
         self.tracker.table("leaf_confounders", ["uid", "confounders", "prompt"], rows, step,
                            html_columns=("prompt",))
 
+    def log_vas_plot(self, evals: dict, step: int) -> None:
+        """AVAR's VAS per layer at this evaluation, as one W&B chart (response and user-query
+        tokens as two lines)."""
+        if not self.stats_plan.vas_on:
+            return
+        layers = self.stats_plan.avar.layers
+        series = {u: [evals[f"eval/vas_{u}_L{layer}"] for layer in layers]
+                  for u in ("response", "query") if f"eval/vas_{u}_L{layers[0]}" in evals}
+        self.tracker.line_plot("eval/vas_by_layer", "layer", layers, series, step)
+
     # --- eval and checkpoints -----------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, greedy (`eval/accuracy`) and sampled at the rollout temperature
@@ -361,9 +389,21 @@ class Trainer:
             items = [RewardItem(response=t, answer=s.answer, meta=s.meta, verifier=s.task)
                      for t, (_, s) in zip(texts, flat)]
             results = self.pool.score(items)
-            out[key] = float(np.mean([res.components.get(s.task, 0.0)
-                                      for res, (_, s) in zip(results, flat)]))
+            correct = [res.components.get(s.task, 0.0) for res, (_, s) in zip(results, flat)]
+            out[key] = float(np.mean(correct))
+            if key == "eval/accuracy" and self.stats_plan.vas_on:
+                out.update(self.eval_vas(prompts, comps))
         return out
+
+    def eval_vas(self, prompts, completions) -> dict[str, float]:
+        """AVAR's VAS (§3.1) of the greedy held-out responses: one scoring forward with the
+        evidence/system key-class masses on avar.layers."""
+        avar = self.stats_plan.avar
+        batch = collate_rollouts(prompts, completions, self.tok.pad_token_id)
+        t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+             "response_mask": batch.response_mask, "key_classes": avar.key_classes(batch)}
+        out = self.learner.score(t, self.cfg.rollout.temperature, avar.request())
+        return avar.vas_metrics(batch, avar.masses(out["attn_stats"]), "eval")
 
     def save(self, step: int) -> Path:
         def write(tmp: Path) -> None:
@@ -382,23 +422,26 @@ class Trainer:
             self.state["cold_start_eval"] = self.evaluate()
             self.tracker.log({**self.state["cold_start_eval"],
                               "time/eval_s": time.perf_counter() - t0}, step=0)
+            self.log_vas_plot(self.state["cold_start_eval"], 0)
             log.info("held-out accuracy of the cold-start model: %s", self.state["cold_start_eval"])
         bar = tqdm(range(self.step, cfg.steps), desc="RL", initial=self.step, total=cfg.steps,
                    disable=not cfg.logger.progress, dynamic_ncols=True)
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
         shares = []  # NaN where the statistics pass cannot be timed apart (fused GPU kernels)
-        leaf_shares = []
+        leaf_shares, vars_shares = [], []
         for step in bar:
             metrics = self.train_step(step)
             shares.append(metrics["time/credit_share"])
             leaf_shares.append(metrics["time/leaf_share"])
+            vars_shares.append(metrics["time/vars_share"])
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 t0 = time.perf_counter()
                 evals = self.evaluate()
                 self.state["last_eval"] = evals
                 metrics.update({**evals, "time/eval_s": time.perf_counter() - t0})
+                self.log_vas_plot(evals, done)
             self.tracker.log(metrics, step=done)
             bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
                             acc=f"{metrics['rollout/accuracy']:.2f}",
@@ -422,6 +465,10 @@ class Trainer:
                    "credit_share_of_step": float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
                    # LeaF in RL (detection + extra groups), as a share of step time
                    "leaf_share_of_step": float(np.mean(leaf_shares)) if self.online_leaf and leaf_shares else float("nan"),
+                   # AVAR: VAS of the greedy held-out responses; VARS as a share of step time
+                   "cold_start_vas": cold.get("eval/vas_response", float("nan")),
+                   "final_vas": evals.get("eval/vas_response", float("nan")),
+                   "vars_share_of_step": float(np.nanmean(vars_shares)) if self.stats_plan.vars_on and vars_shares else float("nan"),
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)

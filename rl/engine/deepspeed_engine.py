@@ -129,8 +129,10 @@ class DeepSpeedEngine(TrainEngine):
     @torch.no_grad()
     def score(self, batch, temperature=1.0, stats: dict | None = None):
         """Logprobs and entropy; with `stats` (StatsSpec keyword arguments, e.g.
-        {"waad_window": 10, "fai_band": [10, 100]}) also the attention statistics of the
-        selected layers, from this same forward: {layer: {name: [B, H, T] tensor}}."""
+        {"waad_window": 10, "fai_band": [10, 100]}, plus an optional "layers" selection,
+        default learner.stats_layers) also the attention statistics of those layers, from this
+        same forward: {layer: {name: [B, H, T] tensor}}. Key-class masses read the batch's
+        "key_classes" ([B, T] ints, -1 = no class)."""
         self.engine.eval()
         b = self._to(batch)
         if not stats:
@@ -140,10 +142,11 @@ class DeepSpeedEngine(TrainEngine):
 
         if self.cfg.attention != "kernels":
             raise RuntimeError("attention statistics need learner.attention=kernels")
+        stats = dict(stats)
+        layers = stats.pop("layers", self.cfg.stats_layers)
         spec = StatsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in stats.items()})
-        cap = AttentionCapture(self._module(), layers=self.cfg.stats_layers, spec=spec,
-                               impl=self.cfg.attn_impl)
-        with cap(response_mask=b.get("response_mask")) as captured:
+        cap = AttentionCapture(self._module(), layers=layers, spec=spec, impl=self.cfg.attn_impl)
+        with cap(response_mask=b.get("response_mask"), key_classes=b.get("key_classes")) as captured:
             lp, ent = self._forward(self.engine, b, temperature)
         attn = {layer: {k: v.cpu() for k, v in st.fields().items()}
                 for layer, st in captured.items()}
@@ -249,6 +252,8 @@ class DeepSpeedEngine(TrainEngine):
     def _micro_loss(self, b, loss, loss_cfg, normaliser, temperature):
         if loss == "distill":
             return self._distill_term(logits_of(self.engine, b), b, normaliser)
+        if loss == "sft" and loss_cfg is not None:
+            return self._agto_loss(b, loss_cfg, normaliser, temperature)
         if loss == "sft":
             lp, _ = token_logprobs(logits_of(self.engine, b), b["input_ids"], temperature, False)
             return sft_loss(lp, b["response_mask"], normaliser), {}
@@ -265,6 +270,27 @@ class DeepSpeedEngine(TrainEngine):
             value = value + loss_cfg.kd_coef * kd_value
             metrics.update(kd_metrics)
         return value, metrics
+
+    def _agto_loss(self, b, agto, normaliser, temperature):
+        """AVAR's AGTO cold start (§3.3.2): L_LM + α·L_img + β·L_sys, the attention masses on
+        the evidence and system keys taken *with gradient* from the kernels' class-mass pass
+        (one indicator-valued attention call per layer; no eager N×N map). The per-row terms
+        are weighted by `agto_row_weight` (1 / rows of the whole minibatch), so micro-batches
+        and ranks add up to the minibatch mean."""
+        from kernels import AttentionCapture, StatsSpec
+
+        from rl.avar.scores import N_CLASSES, agto_loss
+
+        cap = AttentionCapture(self._module(), layers=agto.layers, spec=StatsSpec(n_classes=N_CLASSES),
+                               impl=self.cfg.attn_impl, grad_mass=True)
+        with cap(key_classes=b["key_classes"]) as captured:
+            lp, _ = token_logprobs(logits_of(self.engine, b), b["input_ids"], temperature, False)
+        lm = sft_loss(lp, b["response_mask"], normaliser)
+        l_img, l_sys = agto_loss(captured.grad_mass, b["query_mask"], b["key_classes"], agto.eps)
+        w = b["agto_row_weight"].to(l_img.dtype)
+        value = lm + agto.alpha * (w * l_img).sum() + agto.beta * (w * l_sys).sum()
+        return value, {"lm_nll": float(-(lp * b["response_mask"]).sum() / b["response_mask"].sum()),
+                       "agto_img": float(l_img.mean()), "agto_sys": float(l_sys.mean())}
 
     def _joint_logits(self, b, kd):
         """Policy rows and LeaF KD rows in one forward, right-padded to a common width (under

@@ -230,7 +230,10 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
                                               monkeypatch):
     """credit=coupled: the learner switches to the kernels, the scoring forward returns the
     statistics (merged over 2 ranks), γ > 1 lands on some response tokens, and the per-step
-    credit metrics, the time share and the W&B credit table are written."""
+    credit metrics, the time share and the W&B credit table are written. AVAR's VARS rides on
+    the same scoring forward (its class masses on all 4 layers, credit's statistics on its 2)
+    and VAS is measured at every evaluation."""
+    from rl.avar.visual_attention import VisualAttention
     from rl.credit.preplan_anchor import PreplanAnchorCredit
 
     seen = {}  # step → (local heads chosen by the method, local heads by the definition)
@@ -238,15 +241,32 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
 
     def recording_call(self, batch, step):
         metrics = call(self, batch, step)
+        assert sorted(batch.attn_stats) == [1, 2]  # credit's layers only, not AVAR's
         seen[step + 1] = (set(self.trace.local_heads),
                           local_heads_by_definition(batch.attn_stats, batch.response_mask, self.p.head_quantile))
         return metrics
 
+    shaped = []  # (rewards before, after, correct, AVAR's layers) per step
+    shape = VisualAttention.shape_rewards
+
+    def recording_shape(self, batch, mass):
+        # The 12-step cold start rarely solves a problem; so that the gate is exercised both
+        # ways, every other response counts as correct here (the verifier is not under test)
+        for i, x in enumerate(batch.meta):
+            x["correct"] = float(x["correct"] or i % 2 == 0)
+        before = batch.rewards.clone()
+        m = shape(self, batch, mass)
+        shaped.append((before, batch.rewards.clone(),
+                       torch.tensor([bool(x["correct"]) for x in batch.meta]), sorted(mass)))
+        return m
+
     monkeypatch.setattr(PreplanAnchorCredit, "__call__", recording_call)
+    monkeypatch.setattr(VisualAttention, "shape_rewards", recording_shape)
     out = tmp_path_factory.mktemp("run_coupled")
     cfg = make_cfg(out, cache_dir, dataset, ["steps=2", "credit=coupled", "logger=wandb",
                                              "learner.num_ranks=2",
-                                             "credit.params.fai_band=[2,100]"])
+                                             "credit.params.fai_band=[2,100]",
+                                             "avar.vars_coef=0.3"])
 
     def inspect(t):
         tr = t.credit.trace
@@ -273,3 +293,19 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
     assert 0 < summary["credit_share_of_step"] < 1
     rows = history(next(next((out / "wandb").glob("offline-run-*")).glob("run-*.wandb")))
     assert any(r.get("credit_samples/_type") == "table-file" for r in rows)
+    # VARS: 0.3 · r_visual added to correct responses only (r_visual > 0: attention masses
+    # are positive), before advantages; VAS of the held-out responses at steps 0 and 2
+    assert len(shaped) == 2
+    for before, after, correct, layers in shaped:
+        assert layers == [0, 1, 2, 3]
+        bonus = after - before
+        assert (bonus[~correct] == 0).all() and (bonus[correct] > 0).all()
+    for step in (0, 2):
+        assert m[step]["eval/vas_response"] > 0 and m[step]["eval/vas_query"] > 0
+        per_layer = [m[step][f"eval/vas_response_L{i}"] for i in range(4)]
+        assert m[step]["eval/vas_response"] == pytest.approx(sum(per_layer) / 4, rel=1e-5)
+    assert summary["cold_start_vas"] == m[0]["eval/vas_response"]
+    assert summary["final_vas"] == m[2]["eval/vas_response"]
+    assert 0 < m[1]["time/vars_share"] < 1 and m[1]["vars/r_visual_max"] >= m[1]["vars/r_visual_min"]
+    plots = [r for r in rows if r.get("eval/vas_by_layer_table/_type") == "table-file"]
+    assert [r["eval/vas_by_layer_table/nrows"] for r in plots] == [8, 8]  # 4 layers × 2 lines, steps 0, 2

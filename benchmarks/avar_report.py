@@ -1,0 +1,72 @@
+"""Table and curves for the AVAR ablations: held-out accuracy, VAS before → after, VARS's raw
+r_visual range and its cost, per arm (mean ± std over seeds; Δ against the first arm, paired by
+seed).
+
+    python benchmarks/avar_report.py outputs/avar_text --out benchmarks/results/avar_text
+
+Reads `<root>/<arm>/seed<k>/{summary.json,metrics.jsonl}` (the trainer's outputs); arms are
+ordered grpo, vars, agto, agto_vars (others after). Writes `table.md` and `curves.png`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from runs import load, mean_metric, paired, plot_curves, pm
+
+ORDER = ["grpo", "vars", "agto", "agto_vars"]
+
+
+def table(runs: dict, arms: list[str]) -> str:
+    base = arms[0]
+    lines = [f"| arm | seeds | final greedy | Δ vs {base} | final sampled | Δ vs {base} | "
+             "VAS response: start → final | VAS query: start → final | r_visual (correct) min / mean / max | "
+             "step s | VARS share of step |", "|" + "---|" * 11]
+    for a in arms:
+        rs = runs[a]
+
+        def first_last(key):
+            vals = [[m[key] for m in r["metrics"] if key in m] for r in rs.values()]
+            return (pm([v[0] for v in vals if v], 2), pm([v[-1] for v in vals if v], 2))
+
+        v_r, v_q = first_last("eval/vas_response"), first_last("eval/vas_query")
+        rv = [tuple(mean_metric(r, f"vars/r_visual_{k}") for k in ("min", "mean", "max"))
+              for r in rs.values()]
+        rv_txt = ("—" if all(x != x for t in rv for x in t) else
+                  " / ".join(f"{np.nanmean([t[i] for t in rv]):.2f}" for i in range(3)))
+        share = [100 * mean_metric(r, "time/vars_share") for r in rs.values()]
+        share_txt = pm(share) + "%" if a not in ("grpo", "agto") else "—"
+        lines.append(
+            f"| {a} | {','.join(map(str, sorted(rs)))} | "
+            f"{pm([100 * r['summary']['final_accuracy'] for r in rs.values()])} | "
+            f"{paired(runs, a, base, 'final_accuracy')} | "
+            f"{pm([100 * r['summary']['final_accuracy_sampled'] for r in rs.values()])} | "
+            f"{paired(runs, a, base, 'final_accuracy_sampled')} | {v_r[0]} → {v_r[1]} | "
+            f"{v_q[0]} → {v_q[1]} | {rv_txt} | "
+            f"{np.mean([mean_metric(r, 'time/step_s') for r in rs.values()]):.2f} | {share_txt} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    runs = load(args.root)
+    if not runs:
+        raise SystemExit(f"no finished runs under {args.root} (<arm>/seed<k>/summary.json)")
+    arms = [a for a in ORDER if a in runs] + sorted(set(runs) - set(ORDER))
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(runs, arms)
+    (args.out / "table.md").write_text(text)
+    plot_curves(runs, arms, [("eval/accuracy", "held-out accuracy, greedy (%)", 100),
+                             ("eval/accuracy_sampled", "held-out accuracy, sampled (%)", 100),
+                             ("eval/vas_response", "VAS, response tokens", 1)],
+                args.out / "curves.png", f"AVAR ablation: {args.root.name} (mean ± std over seeds)")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""AVAR's attention quantities (arXiv 2603.03825, shared specs/papers.md §3) from key-class masses.
+
+Every quantity reads `mass[layer]`: [B, H, N, 2] from the fused kernels (padded layout), where
+mass[b, h, i, EVIDENCE] = Σ_{k ∈ evidence} A^{l,h}_{i,k} and mass[..., SYSTEM] the same over the
+system keys. No N×N map is ever built: these are the attention outputs of indicator values
+(specs §4.2 item 4). The functions are pure, so each is tested against an eager-map float64
+reference (tests/unit/test_avar_scores.py).
+
+* `vas`       — the diagnostic: mean over layers, heads and query tokens i ∈ U of the ratio
+                mass_evidence / mass_system (§3.1, a mean of ratios).
+* `r_visual`  — VARS's reward (§3.3.3): per response token and layer, the ratio of the
+                head-averaged masses with ε, averaged over layers then tokens; 0 when wrong.
+* `agto_loss` — the cold start's attention terms (§3.3.2), differentiable through the masses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rl.batch import TOKEN_CLASS
+
+EVIDENCE, SYSTEM = 0, 1   # AVAR key-class ids handed to the kernels (others: -1)
+N_CLASSES = 2
+EVIDENCE_CLASSES = ("evidence", "image")  # the values of `avar.evidence`
+
+
+def key_classes(token_classes: Tensor, evidence: str = "evidence") -> Tensor:
+    """Task token classes (rl.batch.TOKEN_CLASS) → AVAR key classes: the evidence class
+    (operands/relevant statements for a text task, image-pad tokens for a VLM) → EVIDENCE,
+    the instruction → SYSTEM, every other token → -1 (no class)."""
+    if evidence not in EVIDENCE_CLASSES:
+        raise ValueError(f"avar.evidence={evidence!r}: must be one of {EVIDENCE_CLASSES}")
+    out = torch.full(token_classes.shape, -1, dtype=torch.int8)
+    out[token_classes == TOKEN_CLASS[evidence]] = EVIDENCE
+    out[token_classes == TOKEN_CLASS["system"]] = SYSTEM
+    return out
+
+
+def user_query_mask(token_classes: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """The user-turn tokens Q (AVAR's official code, specs §3.3.2): prompt tokens after the
+    last system token, up to the response. Evidence (image-pad) tokens are part of it."""
+    prompt = attention_mask.bool() & ~response_mask.bool() & (token_classes != TOKEN_CLASS["response"])
+    pos = torch.arange(token_classes.shape[1]).expand_as(token_classes)
+    is_sys = token_classes == TOKEN_CLASS["system"]
+    last_sys = torch.where(is_sys, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values
+    return prompt & (pos > last_sys)
+
+
+def check_classes(kc: Tensor, where: str) -> None:
+    """AVAR contrasts two segments: a row without either has no defined ratio."""
+    for cls, name in ((EVIDENCE, "evidence"), (SYSTEM, "system")):
+        missing = ~(kc == cls).any(1)
+        if missing.any():
+            raise ValueError(f"{where}: {int(missing.sum())} of {kc.shape[0]} rows have no "
+                             f"{name} tokens; AVAR needs a task that labels both 'system' and "
+                             f"the evidence segments (Sample.segments)")
+
+
+def _stack(mass: dict[int, Tensor]) -> Tensor:
+    """{layer: [B, H, N, 2]} → [L, B, H, N, 2] in float64 (ratios of small masses)."""
+    return torch.stack([mass[layer].double() for layer in sorted(mass)])
+
+
+def vas(mass: dict[int, Tensor], query: Tensor) -> Tensor:
+    """Per row, the mean over layers, heads and query tokens (query: [B, N] bool) of
+    mass_evidence / mass_system. Rows with no query token get NaN. Per layer as well:
+    returns (per_row [B], per_layer [L, B])."""
+    m = _stack(mass)
+    ratio = m[..., EVIDENCE] / m[..., SYSTEM].clamp_min(torch.finfo(torch.float64).tiny)
+    q = query.to(ratio.dtype)
+    per_layer = (ratio * q[None, :, None, :]).sum((2, 3)) / (q.sum(1) * m.shape[2])  # [L, B]
+    return per_layer.mean(0), per_layer
+
+
+def r_visual(mass: dict[int, Tensor], response: Tensor, correct: Tensor, eps: float = 1e-6) -> Tensor:
+    """VARS (§3.3.3): (1/|T|) Σ_t (1/|L|) Σ_l Ā^l_{t,evidence} / (Ā^l_{t,system} + ε), Ā the
+    head-averaged attention of layer l; 0 for an incorrect response (or one with no tokens)."""
+    m = _stack(mass).mean(2)                                          # [L, B, N, 2] head average
+    ratio = (m[..., EVIDENCE] / (m[..., SYSTEM] + eps)).mean(0)       # [B, N] layer average
+    r = response.to(ratio.dtype)
+    per_row = (ratio * r).sum(1) / r.sum(1).clamp_min(1)
+    return (per_row * correct.to(per_row.dtype)).float()
+
+
+def normalise_visual(r: Tensor, correct: Tensor, group_ids: Tensor, mode: str, clip: float) -> Tensor:
+    """The §3.3.3 scale warning's options. `none`: raw. `clip`: min(r, clip). `group_z`: within
+    each group, z-scored over its *correct* responses (incorrect stay 0, so the correctness
+    gate holds; a group with < 2 correct responses gets 0)."""
+    if mode == "none":
+        return r
+    if mode == "clip":
+        return r.clamp(max=clip)
+    if mode != "group_z":
+        raise ValueError(f"avar.vars_norm={mode!r}: must be none | clip | group_z")
+    out = torch.zeros_like(r)
+    ok = correct.bool()
+    for g in group_ids.unique():
+        sel = (group_ids == g) & ok
+        if sel.sum() >= 2:
+            x = r[sel].double()
+            out[sel] = ((x - x.mean()) / x.std(unbiased=False).clamp_min(1e-6)).float()
+    return out
+
+
+@dataclass(frozen=True)
+class AgtoConfig:
+    """The cold start's attention terms (cold_start.objective=agto), weights from `avar:`."""
+    alpha: float = 0.15
+    beta: float = 0.15
+    layers: Any = "all"
+    eps: float = 1e-6
+    evidence: str = "evidence"
+
+
+def agto_loss(mass: dict[int, Tensor], query: Tensor, kc: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(L_img, L_sys) of §3.3.2 per row [B] (the batch loss is their mean):
+
+        L_img = −(1/|L|) Σ_l (1/H) Σ_h log( (1/(|Q||K_img|)) Σ_{q∈Q} Σ_{k∈K_img} A_{q,k} )
+        L_sys = +(1/|L|) Σ_l (1/H) Σ_h log( (1/(|Q||K_sys|)) Σ_{q∈Q} Σ_{k∈K_sys} A_{q,k} + ε )
+
+    `mass` carries gradient (kernels' `grad_mass`); query: [B, N] bool (Q); kc: AVAR key
+    classes [B, N] (|K_img|, |K_sys| per row)."""
+    m = torch.stack([mass[layer].float() for layer in sorted(mass)])  # [L, B, H, N, 2]
+    q = query.to(m.dtype)[None, :, None, :]
+    n_q = query.sum(1).to(m.dtype).clamp_min(1)[None, :, None]        # [1, B, 1]
+    mean_q = (m * q[..., None]).sum(3) / n_q[..., None]              # [L, B, H, 2]
+    k_img = (kc == EVIDENCE).sum(1).to(m.dtype)[None, :, None]
+    k_sys = (kc == SYSTEM).sum(1).to(m.dtype)[None, :, None]
+    l_img = -torch.log(mean_q[..., EVIDENCE] / k_img).mean((0, 2))    # [B]
+    l_sys = torch.log(mean_q[..., SYSTEM] / k_sys + eps).mean((0, 2))
+    return l_img, l_sys
