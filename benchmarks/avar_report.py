@@ -64,7 +64,7 @@ def main() -> None:
     plot_curves(runs, arms, [("eval/accuracy", "held-out accuracy, greedy (%)", 100),
                              ("eval/accuracy_sampled", "held-out accuracy, sampled (%)", 100),
                              ("eval/vas_response", "VAS, response tokens", 1)],
-                args.out / "curves.png", f"AVAR ablation: {args.root.name} (mean ± std over seeds)")
+                args.out / "curves.png", f"AVAR ablation: {args.out.name} (mean ± std over seeds)")
     print(text)
 
 

@@ -27,6 +27,7 @@ SUMMARY = re.compile(
     r"held-out accuracy, final policy     : (?P<final>[\d.]+) greedy, (?P<final_s>[\d.]+) sampled\n"
     r"credit '(?P<credit>\w+)'.*\n"
     r"(?:LeaF in RL: .*\n)?"
+    r"(?:AVAR: VAS \(response tokens\) (?P<vas0>[\d.]+) → (?P<vas1>[\d.]+).*\n)?"
     r".*outputs in (?P<out>\S+)")
 
 
@@ -69,6 +70,9 @@ def check_train_run(job: re.Match, ws: Path, cmd: Command) -> None:
     for key, printed in (("cold_start_accuracy", "cold"), ("cold_start_accuracy_sampled", "cold_s"),
                          ("final_accuracy", "final"), ("final_accuracy_sampled", "final_s")):
         assert f"{summary[key]:.3f}" == job[printed], key
+    if job["vas0"] is not None:  # AVAR's VAS, printed as saved
+        assert f"{summary['cold_start_vas']:.2f}" == job["vas0"]
+        assert f"{summary['final_vas']:.2f}" == job["vas1"]
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert sorted(rows) == list(range(steps + 1))
     assert rows[steps]["eval/accuracy"] == summary["final_accuracy"]
@@ -135,6 +139,9 @@ def test_readme_command(cmd: Command, workspace: Path):
             assert (out / f"sample_{i}.png").read_bytes()[:4] == b"\x89PNG", tail
             if "--teacher" in args:
                 assert (out / f"sample_{i}_leaf.png").read_bytes()[:4] == b"\x89PNG", tail
+            if "--vas" in args:
+                assert (out / f"sample_{i}_avar.png").read_bytes()[:4] == b"\x89PNG", tail
+                assert "VAS, response tokens" in (out / f"sample_{i}.html").read_text(), tail
     else:
         pytest.fail(f"no check for entry point {cmd.entry}")
 

@@ -130,3 +130,30 @@ def test_credit_param_typo_and_sdpa_conflict_are_named():
 def test_leaf_settings_fail_before_any_actor(overrides, message):
     with pytest.raises(ValueError, match=message):
         check_config(load(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["avar.vars_norm=softmax"], "avar.vars_norm"),
+    (["avar.evidence=audio"], "avar.evidence"),
+    (["avar.vas=sometimes"], "avar.vas"),
+    (["cold_start.objective=rl"], "cold_start.objective"),
+    (["avar.vars_coef=-1"], "avar.vars_coef"),
+    (["avar.layers=top:3"], "layers must be"),
+    (["avar.vars_coef=0.3", "learner.attention=sdpa"], "learner.attention must be kernels"),
+    (["cold_start.objective=agto", "learner.attention=sdpa"], "learner.attention must be kernels"),
+])
+def test_avar_settings_fail_before_any_actor(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(load(overrides))
+
+
+@pytest.mark.parametrize("overrides, attention", [
+    ([], "sdpa"), (["avar.vars_coef=0.3"], "kernels"), (["cold_start.objective=agto"], "kernels"),
+    (["avar.vas=always"], "kernels"), (["avar.vas=auto"], "sdpa"),
+])
+def test_avar_picks_the_kernels_when_it_reads_attention(overrides, attention):
+    from rl.config import learner_attention
+
+    cfg = load(overrides)
+    check_config(cfg)
+    assert learner_attention(cfg) == attention
