@@ -271,7 +271,8 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, classes: list[int]
     layer."""
     import torch
 
-    from rl.avar.scores import EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas
+    from rl.avar.scores import (EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas,
+                                visual_ratio)
     from rl.batch import TOKEN_CLASS
     from rl.data import pad_rows
 
@@ -280,8 +281,7 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, classes: list[int]
     am = pad_rows([[1] * (len(prompt_ids) + len(r)) for r in responses], 0, torch.bool)
     kc = key_classes(tc)
     query = user_query_mask(tc, am, resp)
-    m = torch.stack([mass[layer].double() for layer in sorted(mass)]).mean(2)  # [L, B, T, 2]
-    ratio = (m[..., EVIDENCE] / (m[..., SYSTEM] + 1e-6)).mean(0)
+    ratio = visual_ratio(mass)
     vas_r, per_layer_r = vas(mass, resp)
     vas_q, per_layer_q = vas(mass, query)
     r_vis = r_visual(mass, resp, torch.ones(len(responses)))

@@ -75,11 +75,17 @@ def vas(mass: dict[int, Tensor], query: Tensor) -> Tensor:
     return per_layer.mean(0), per_layer
 
 
-def r_visual(mass: dict[int, Tensor], response: Tensor, correct: Tensor, eps: float = 1e-6) -> Tensor:
-    """VARS (§3.3.3): (1/|T|) Σ_t (1/|L|) Σ_l Ā^l_{t,evidence} / (Ā^l_{t,system} + ε), Ā the
-    head-averaged attention of layer l; 0 for an incorrect response (or one with no tokens)."""
+def visual_ratio(mass: dict[int, Tensor], eps: float = 1e-6) -> Tensor:
+    """Per token [B, N]: (1/|L|) Σ_l Ā^l_evidence / (Ā^l_system + ε), Ā the head-averaged
+    attention of layer l — what VARS averages over a response (and inspect --vas draws)."""
     m = _stack(mass).mean(2)                                          # [L, B, N, 2] head average
-    ratio = (m[..., EVIDENCE] / (m[..., SYSTEM] + eps)).mean(0)       # [B, N] layer average
+    return (m[..., EVIDENCE] / (m[..., SYSTEM] + eps)).mean(0)
+
+
+def r_visual(mass: dict[int, Tensor], response: Tensor, correct: Tensor, eps: float = 1e-6) -> Tensor:
+    """VARS (§3.3.3): (1/|T|) Σ_t visual_ratio_t over the response tokens; 0 for an incorrect
+    response (or one with no tokens)."""
+    ratio = visual_ratio(mass, eps)
     r = response.to(ratio.dtype)
     per_row = (ratio * r).sum(1) / r.sum(1).clamp_min(1)
     return (per_row * correct.to(per_row.dtype)).float()
