@@ -134,10 +134,14 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
             else:
                 batch.pop("token_classes")
             m = learner.train_minibatch(batch, "sft", agto, "token_mean")
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
+            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "lm_nll", "agto_img", "agto_sys")
+                             if k in m})
         learner.export_hf(str(tmp))
         learner.shutdown()
         log.info("%s: %d SFT steps in %.1f s", prefix, cs.steps, time.perf_counter() - t0)
+        if agto:  # the attention terms at the end: L_sys near log(ε) means system attention ≈ 0
+            log.info("%s: AGTO at the last step: LM %.3f, L_img %.3f, L_sys %.3f (log ε = %.1f)",
+                     prefix, m["lm_nll"], m["agto_img"], m["agto_sys"], math.log(agto.eps))
 
     shutil.rmtree(final, ignore_errors=True)
     return str(atomic_dir(final, build))
