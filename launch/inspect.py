@@ -99,10 +99,10 @@ def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_
 
 
 def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
-                     layers: str, spec, impl: str, prompt_classes: list[int] | None = None):
+                     layers: str, spec, impl: str, token_classes=None):
     """One forward over prompt ⊕ response rows (right-padded) under AttentionCapture, as the
     learner's scoring forward: ({layer: {name: [B, H, T]}}, response mask [B, T]). With
-    `prompt_classes` (task token classes of the prompt), also AVAR's key-class masses."""
+    `token_classes` ([B, T] task classes of the rows), also AVAR's key-class masses."""
     import torch
 
     from kernels import AttentionCapture
@@ -114,13 +114,11 @@ def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], p
     resp = pad_rows([[0] * len(prompt_ids) + [1] * len(r) for r in responses], 0, torch.bool)
     dev = model.device
     kc = None
-    if prompt_classes is not None:
+    if token_classes is not None:
         from rl.avar.scores import N_CLASSES, key_classes
-        from rl.batch import TOKEN_CLASS
 
         spec = spec.replace(n_classes=N_CLASSES)
-        tc = pad_rows([prompt_classes + [TOKEN_CLASS["response"]] * len(r) for r in responses], 0, torch.int8)
-        kc = key_classes(tc).to(dev)
+        kc = key_classes(token_classes).to(dev)
     cap = AttentionCapture(model, layers=layers, spec=spec, impl=impl)
     with torch.no_grad(), cap(response_mask=resp.to(dev), key_classes=kc) as captured:
         model(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False)
@@ -221,8 +219,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     impl = "blockwise" if str(args.device).startswith("cpu") else "auto"
     classes = None
     if args.vas:
+        from rl.batch import TOKEN_CLASS
+        from rl.data import pad_rows
+
         sample = task_sample(args.task_sample, args.distractors) if args.task_sample is not None else None
-        classes = prompt_token_classes(tok, prompt, sample)
+        prompt_classes = prompt_token_classes(tok, prompt, sample)
+        classes = pad_rows([prompt_classes + [TOKEN_CLASS["response"]] * len(r) for r in responses],
+                           0, torch.int8)
     stats, resp = score_with_stats(model, prompt_ids, responses, _pad_id(tok), layers, spec, impl,
                                    classes)
     gamma, trace, dist = attention_credit(stats, resp, args.strategy, p)
@@ -265,7 +268,7 @@ def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
     return enc.classes
 
 
-def avar_views(stats: dict, resp, tok, prompt_ids, responses, classes: list[int]) -> list[dict]:
+def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc) -> list[dict]:
     """Per response: every token's evidence/system attention ratio (head- and layer-averaged,
     as VARS reads it), system/evidence marks, and VAS (response, user query) overall and per
     layer."""
@@ -273,11 +276,9 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, classes: list[int]
 
     from rl.avar.scores import (EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas,
                                 visual_ratio)
-    from rl.batch import TOKEN_CLASS
     from rl.data import pad_rows
 
     mass = {layer: st["mass"] for layer, st in stats.items()}
-    tc = pad_rows([classes + [TOKEN_CLASS["response"]] * len(r) for r in responses], 0, torch.int8)
     am = pad_rows([[1] * (len(prompt_ids) + len(r)) for r in responses], 0, torch.bool)
     kc = key_classes(tc)
     query = user_query_mask(tc, am, resp)

@@ -79,11 +79,11 @@ def agto_config(cfg) -> AgtoConfig | None:
                       evidence=v.evidence)
 
 
-def agto_inputs(batch: dict, evidence: str) -> dict:
+def agto_inputs(batch: dict, agto: AgtoConfig) -> dict:
     """What AGTO reads besides the tokens: AVAR key classes, the user-turn queries Q, and a
     per-row weight that makes the terms a mean over the whole minibatch."""
     tc = batch.pop("token_classes")
-    kc = key_classes(tc, evidence)
+    kc = key_classes(tc, agto.evidence)
     check_classes(kc, "cold_start.objective=agto")
     return {"key_classes": kc,
             "query_mask": user_query_mask(tc, batch["attention_mask"], batch["response_mask"]),
@@ -130,7 +130,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
             learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))
             batch = collate_sft(prompts, responses, tok.pad_token_id)
             if agto:
-                batch.update(agto_inputs(batch, cfg.avar.evidence))
+                batch.update(agto_inputs(batch, agto))
             else:
                 batch.pop("token_classes")
             m = learner.train_minibatch(batch, "sft", agto, "token_mean")

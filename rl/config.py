@@ -315,17 +315,17 @@ def check_config(cfg) -> None:
     check_avar(cfg)
 
 
-def avar_masses_needed(cfg) -> bool:
-    """Does any AVAR part read key-class masses (AGTO cold start, VARS, VAS at eval)?"""
-    v = cfg.avar
-    return (cfg.cold_start.objective == "agto" or v.vars_coef > 0
-            or v.vas == "always")
+def _agto_or_vars(cfg) -> bool:
+    return cfg.cold_start.objective == "agto" or cfg.avar.vars_coef > 0
 
 
 def vas_at_eval(cfg) -> bool:
-    v = cfg.avar
-    return v.vas == "always" or (v.vas == "auto" and (
-        cfg.cold_start.objective == "agto" or v.vars_coef > 0))
+    return cfg.avar.vas == "always" or (cfg.avar.vas == "auto" and _agto_or_vars(cfg))
+
+
+def avar_masses_needed(cfg) -> bool:
+    """Does any AVAR part read key-class masses (AGTO cold start, VARS, VAS at eval)?"""
+    return _agto_or_vars(cfg) or vas_at_eval(cfg)
 
 
 def check_avar(cfg) -> None:

@@ -38,11 +38,10 @@ class VisualAttention:
         raw = r_visual(mass, batch.response_mask, correct, self.p.eps)
         shaped = normalise_visual(raw, correct, batch.group_ids, self.p.vars_norm, self.p.vars_clip)
         batch.rewards = batch.rewards + self.p.vars_coef * shaped
-        ok = correct.bool()
-        out = {"vars/r_visual_mean": float(raw[ok].mean()) if ok.any() else 0.0,
-               "vars/r_visual_min": float(raw[ok].min()) if ok.any() else 0.0,
-               "vars/r_visual_max": float(raw[ok].max()) if ok.any() else 0.0,
-               "vars/bonus_mean": float((self.p.vars_coef * shaped).mean())}
+        ok = raw[correct.bool()]  # the raw range over the responses that earn the bonus
+        out = {f"vars/r_visual_{name}": float(getattr(ok, name)()) if len(ok) else 0.0
+               for name in ("mean", "min", "max")}
+        out["vars/bonus_mean"] = float((self.p.vars_coef * shaped).mean())
         out.update(self.vas_metrics(batch, mass, "vars"))
         return out
 

@@ -47,9 +47,9 @@ def eager_attentions(model_dir: str, b):
 
 def test_agto_loss_on_two_zero3_ranks_equals_the_eager_formula(group, tiny_model_dir):
     b = sft_rows(8)
-    b.update(agto_inputs(b, "evidence"))
-    kc, q = b["key_classes"], b["query_mask"]
     agto = AgtoConfig(alpha=0.15, beta=0.15, layers="all", eps=1e-6)
+    b.update(agto_inputs(b, agto))
+    kc, q = b["key_classes"], b["query_mask"]
     out = group.train_minibatch(b, "sft", agto, "token_mean")
 
     logits, maps = eager_attentions(tiny_model_dir, b)
