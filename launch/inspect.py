@@ -54,23 +54,24 @@ def resolve_checkpoint(path: str) -> Path:
         f"nor a folder of checkpoints (no step_*/ in it or in its checkpoints/)")
 
 
-def task_sample(index: int, distractors: bool = False):
-    """Held-out problem `index` of the default task (with a distractor if asked)."""
+def task_sample(index: int, distractors: bool = False, task: str = "arith"):
+    """Held-out problem `index` of a shipped task (arith, the default; image_arith for a
+    vision-language checkpoint), with a distractor if asked."""
     from omegaconf import OmegaConf
 
     from rl.tasks import TEST, get_task
 
-    task_cfg = OmegaConf.load(CONF / "task" / "arith.yaml")
+    task_cfg = OmegaConf.load(CONF / "task" / f"{task}.yaml")
     params = {**OmegaConf.to_container(task_cfg.params), **({"distractor_prob": 1.0} if distractors else {})}
     return get_task(task_cfg.name, seed=task_cfg.seed, **params).sample(TEST, index)
 
 
-def task_prompt(index: int, distractors: bool = False) -> tuple[str, str]:
-    """(prompt text, reference answer) of held-out problem `index` of the default task, with
+def task_prompt(index: int, distractors: bool = False, task: str = "arith") -> tuple[str, str]:
+    """(prompt text, reference answer) of held-out problem `index` of the task, with
     the default model's prompt/response prefixes — what the trainer feeds the policy."""
     from omegaconf import OmegaConf
 
-    s = task_sample(index, distractors)
+    s = task_sample(index, distractors, task)
     model_cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
     return (model_cfg.prompt_prefix or "") + s.prompt + (model_cfg.response_prefix or ""), s.answer
 
@@ -79,17 +80,25 @@ def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_new_tokens: int) -> list[list[int]]:
-    """`n` responses (token ids, ending with EOS when the model stopped there)."""
+def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_new_tokens: int,
+             images=None) -> list[list[int]]:
+    """`n` responses (token ids, ending with EOS when the model stopped there). `images`: a
+    vision-language prompt's `rl.vision.ImageInputs` (its pads already expanded in prompt_ids)."""
     import torch
 
     ids = torch.tensor([prompt_ids], device=model.device)
-    if temperature > 0:
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    if images is not None:
+        kw = image_inputs(model, ids, images, n)
+        ids = kw.pop("input_ids")
     else:
-        kw = dict(do_sample=False)
+        kw = {}
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kw.update(do_sample=False)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         num_return_sequences=n, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id, **kw)
+                         num_return_sequences=1 if images is not None else n,
+                         pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id, **kw)
     responses = []
     for row in out[:, len(prompt_ids):].tolist():
         if tok.eos_token_id in row:
@@ -98,11 +107,23 @@ def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_
     return responses
 
 
+def image_inputs(model, ids, images, rows: int) -> dict:
+    """The VLM forward's inputs for `rows` copies of one prompt's image (ids: [rows, T])."""
+    from rl.engine.frozen import image_kwargs
+
+    ids = ids.expand(rows, -1) if ids.shape[0] == 1 else ids
+    b = {"input_ids": ids, "pixel_values": images.pixel_values[None].expand(rows, -1, -1),
+         "image_grid_thw": images.image_grid_thw[None].expand(rows, -1, -1)}
+    return {"input_ids": ids, **{k: v.to(model.device) for k, v in image_kwargs(model, b).items()}}
+
+
 def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
-                     layers: str, spec, impl: str, token_classes=None):
+                     layers: str, spec, impl: str, token_classes=None, images=None,
+                     evidence: str = "evidence"):
     """One forward over prompt ⊕ response rows (right-padded) under AttentionCapture, as the
     learner's scoring forward: ({layer: {name: [B, H, T]}}, response mask [B, T]). With
-    `token_classes` ([B, T] task classes of the rows), also AVAR's key-class masses."""
+    `token_classes` ([B, T] task classes of the rows), also AVAR's key-class masses (`evidence`:
+    the class set against the system prompt); `images`: the prompt's ImageInputs."""
     import torch
 
     from kernels import AttentionCapture
@@ -118,10 +139,12 @@ def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], p
         from rl.avar.scores import N_CLASSES, key_classes
 
         spec = spec.replace(n_classes=N_CLASSES)
-        kc = key_classes(token_classes).to(dev)
+        kc = key_classes(token_classes, evidence).to(dev)
+    kw = {} if images is None else image_inputs(model, ids, images, len(rows))
+    kw.pop("input_ids", None)
     cap = AttentionCapture(model, layers=layers, spec=spec, impl=impl)
     with torch.no_grad(), cap(response_mask=resp.to(dev), key_classes=kc) as captured:
-        model(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False)
+        model(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False, **kw)
     if not captured:
         raise RuntimeError(f"no attention statistics captured for layers={layers!r}")
     return {layer: {k: v.cpu() for k, v in st.fields().items()} for layer, st in captured.items()}, resp
@@ -149,7 +172,7 @@ def parse_args(argv):
     ap.add_argument("--checkpoint", required=True, help="HF folder, checkpoint step, checkpoints dir or output dir")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the full prompt text, used verbatim")
-    src.add_argument("--task-sample", type=int, metavar="N", help="held-out problem N of the default arith task")
+    src.add_argument("--task-sample", type=int, metavar="N", help="held-out problem N of the default arith task (image_arith for a vision-language checkpoint)")
     ap.add_argument("--response", help="score this response instead of generating one")
     ap.add_argument("--strategy", default="coupled", choices=ATTENTION_STRATEGIES)
     ap.add_argument("--samples", type=int, default=1, help="responses to generate (head groups span them all)")
@@ -182,22 +205,39 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kernels import StatsSpec
     from rl.credit.preplan_anchor import attention_credit
+    from rl.data import encode_prompt
+    from rl.engine.frozen import load_model
+    from rl.vision import image_processor_for
 
     try:
         hf = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
         raise SystemExit(f"launch.inspect: {e}") from None
     tok = AutoTokenizer.from_pretrained(hf)
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).to(args.device).eval()
+    model = load_model(str(hf), torch.float32).to(args.device).eval()
+    images = image_processor_for(str(hf))   # a vision-language checkpoint's; None for text
+    if images is not None and args.task_sample is None:
+        raise SystemExit("launch.inspect: a vision-language checkpoint reads an image with its "
+                         "prompt: use --task-sample N (a held-out image_arith problem)")
+    task = "arith" if images is None else "image_arith"
     answer = None
     prompt = args.prompt
     if prompt is None:
-        prompt, answer = task_prompt(args.task_sample, args.distractors)
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        prompt, answer = task_prompt(args.task_sample, args.distractors, task)
+    encoded = None
+    if images is not None:  # image pads expanded to the image's tokens, pixels alongside
+        sample = task_sample(args.task_sample, args.distractors, task)
+        offset = prompt.index(sample.prompt)
+        encoded = encode_prompt(tok, sample, prompt[:offset], prompt[offset + len(sample.prompt):],
+                                images)
+        prompt_ids = encoded.ids
+    else:
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    image_in = encoded.image_inputs if encoded is not None else None
 
     # Generate before the capture installs the statistics attention on the model.
     if args.response is not None:
@@ -209,7 +249,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if args.temperature == 0 and args.samples > 1:
             print("note: greedy decoding gives identical samples; use --temperature > 0", file=sys.stderr)
         with torch.no_grad():
-            responses = generate(model, tok, prompt_ids, args.samples, args.temperature, args.max_new_tokens)
+            responses = [r for _ in range(args.samples if image_in is not None else 1)
+                         for r in generate(model, tok, prompt_ids, 1 if image_in is not None else args.samples,
+                                           args.temperature, args.max_new_tokens, image_in)]
         if any(not r for r in responses):
             raise SystemExit("launch.inspect: a generated response is empty (raise --max-new-tokens)")
 
@@ -222,12 +264,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         from rl.batch import TOKEN_CLASS
         from rl.data import pad_rows
 
-        sample = task_sample(args.task_sample, args.distractors) if args.task_sample is not None else None
-        prompt_classes = prompt_token_classes(tok, prompt, sample)
+        sample = task_sample(args.task_sample, args.distractors, task) if args.task_sample is not None else None
+        prompt_classes = encoded.classes if encoded is not None else prompt_token_classes(tok, prompt, sample)
         classes = pad_rows([prompt_classes + [TOKEN_CLASS["response"]] * len(r) for r in responses],
                            0, torch.int8)
+    evidence = "evidence" if images is None else "image"
     stats, resp = score_with_stats(model, prompt_ids, responses, _pad_id(tok), layers, spec, impl,
-                                   classes)
+                                   classes, image_in, evidence)
     gamma, trace, dist = attention_credit(stats, resp, args.strategy, p)
 
     ctx = {"prompt": prompt, "answer": answer, "strategy": args.strategy, "checkpoint": hf,
@@ -243,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             labels = distractor_flags(tok, task_sample(args.task_sample, args.distractors), prompt)
         teacher = run_teacher(hf) if args.teacher == "run" else args.teacher
         leaf = leaf_views(hf, teacher, tok, prompt_ids, responses, args.quantile, labels)
-    avar = avar_views(stats, resp, tok, prompt_ids, responses, classes) if args.vas else None
+    avar = avar_views(stats, resp, tok, prompt_ids, responses, classes, evidence) if args.vas else None
     written = []
     for i, r_ids in enumerate(responses):
         new = write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx,
@@ -268,7 +311,7 @@ def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
     return enc.classes
 
 
-def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc) -> list[dict]:
+def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str = "evidence") -> list[dict]:
     """Per response: every token's evidence/system attention ratio (head- and layer-averaged,
     as VARS reads it), system/evidence marks, and VAS (response, user query) overall and per
     layer."""
@@ -280,7 +323,7 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc) -> list[dict]:
 
     mass = {layer: st["mass"] for layer, st in stats.items()}
     am = pad_rows([[1] * (len(prompt_ids) + len(r)) for r in responses], 0, torch.bool)
-    kc = key_classes(tc)
+    kc = key_classes(tc, evidence)
     query = user_query_mask(tc, am, resp)
     ratio = visual_ratio(mass)
     vas_r, per_layer_r = vas(mass, resp)

@@ -32,6 +32,9 @@ class RolloutBatch:
     seq_advantages: torch.Tensor | None = None  # [B] per-response advantage (before credit)
     advantages: torch.Tensor | None = None     # [B, T] = seq_advantages × token_weights
     attn_stats: dict[str, Any] | None = None   # per-layer attention statistics (credit methods)
+    # A vision-language model's images (per row, so rows split over ranks with their pixels):
+    pixel_values: torch.Tensor | None = None    # [B, patches, D] float32
+    image_grid_thw: torch.Tensor | None = None  # [B, images, 3] long
     meta: list[dict] = field(default_factory=list)  # per response: uid, prompt/response text, …
 
     def __len__(self) -> int:
@@ -83,6 +86,13 @@ class RolloutBatch:
             else:
                 kwargs[f.name] = None
         return RolloutBatch(**kwargs)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """What a forward of the policy reads: tokens, padding, and the images if any."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            out.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+        return out
 
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)

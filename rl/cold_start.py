@@ -24,6 +24,8 @@ from rl.avar.scores import AgtoConfig, check_classes, key_classes, user_query_ma
 from rl.data import collate_sft, encode_prompt, train_samples_at
 from rl.tasks import get_task
 from rl.tiny_model import TinyModelSpec, build_tiny_model
+from rl.tiny_vl import TinyVisionSpec, build_tiny_vl_model
+from rl.vision import image_processor_for
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,25 @@ def atomic_dir(final: Path, build) -> Path:
     return final
 
 
+def model_key(model) -> dict:
+    """The model config as cache keys see it. A text model's leaves out the (null) vision
+    block, so models and cold starts cached before vision-language models stay valid."""
+    key = OmegaConf.to_container(model, resolve=True)
+    if key.get("vision") is None:
+        key.pop("vision", None)
+    return key
+
+
 def base_model_path(cfg, cache: Path) -> str:
     if cfg.model.path:
         return cfg.model.path
     spec = TinyModelSpec(**OmegaConf.to_container(cfg.model.tiny))
-    final = cache / f"tiny-{config_hash(asdict(spec))}"
-    return str(atomic_dir(final, lambda tmp: build_tiny_model(tmp, spec)))
+    if cfg.model.vision is None:
+        final = cache / f"tiny-{config_hash(asdict(spec))}"
+        return str(atomic_dir(final, lambda tmp: build_tiny_model(tmp, spec)))
+    vision = TinyVisionSpec(**OmegaConf.to_container(cfg.model.vision))
+    final = cache / f"tiny_vl-{config_hash(asdict(spec), asdict(vision))}"
+    return str(atomic_dir(final, lambda tmp: build_tiny_vl_model(tmp, spec, vision)))
 
 
 def load_tokenizer(path: str):
@@ -105,7 +120,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
                 if k not in ("task_params", "objective")}
     agto = agto_config(cfg)
     # (the plain objective adds nothing, so checkpoints cached before AGTO existed stay valid)
-    key = config_hash(cfg.model, cfg.task.name, params, cfg.task.seed, schedule,
+    key = config_hash(model_key(cfg.model), cfg.task.name, params, cfg.task.seed, schedule,
                       *([asdict(agto)] if agto else []))
     final = cache / f"{prefix}-{key}"
     if final.exists() and cs.reuse:
@@ -116,6 +131,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
         from rl.runtime import start_learner
 
         tok = load_tokenizer(base)
+        images = image_processor_for(base)
         task = get_task(cfg.task.name, seed=cfg.task.seed, **params)
         learner = start_learner(cfg, base, lr=cs.lr, minibatch_size=cs.batch_size)
         t0 = time.perf_counter()
@@ -123,8 +139,8 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
                    dynamic_ncols=True)
         for step in bar:
             samples = train_samples_at(task, step * cs.batch_size, cs.batch_size)
-            prompts = [encode_prompt(tok, s, cfg.model.prompt_prefix, cfg.model.response_prefix)
-                       for s in samples]
+            prompts = [encode_prompt(tok, s, cfg.model.prompt_prefix, cfg.model.response_prefix,
+                                     images) for s in samples]
             responses = [tok(s.solution, add_special_tokens=False)["input_ids"]
                          + [tok.eos_token_id] for s in samples]
             learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))

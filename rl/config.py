@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from rl.tiny_model import TinyModelSpec
+from rl.tiny_vl import TinyVisionSpec
 from rollout.vllm_engine import scheduling_args
 
 
@@ -19,6 +20,9 @@ class ModelConfig:
     # An HF folder or hub name. None: build the tiny char-level model from `tiny`.
     path: Optional[str] = None
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+    # With path=None: null builds a text-only Qwen3 from `tiny`; a vision tower here builds a
+    # Qwen2.5-VL instead (text part from `tiny`), for image tasks (conf/model/tiny_vl.yaml).
+    vision: Optional[TinyVisionSpec] = None
     dtype: str = "float32"
     # Text put before each prompt / between prompt and response (a chat template stand-in).
     prompt_prefix: str = ""
@@ -336,6 +340,10 @@ def check_avar(cfg) -> None:
         raise ValueError("avar.vars_coef, agto_alpha, agto_beta must be >= 0 and avar.eps, "
                          "vars_clip > 0")
     select_layers(v.layers, 1 << 16)  # the form only; the range is checked against the model
+    if (avar_masses_needed(cfg) and v.evidence == "image" and cfg.model.path is None
+            and cfg.model.vision is None):
+        raise ValueError("avar.evidence=image reads attention to image tokens: it needs a "
+                         "vision-language model (model=tiny_vl) and an image task")
     if avar_masses_needed(cfg) and cfg.learner.attention == "sdpa":
         raise ValueError("AVAR (cold_start.objective=agto, avar.vars_coef > 0 or avar.vas) reads "
                          "attention masses: learner.attention must be kernels (or auto), not sdpa")

@@ -12,6 +12,7 @@ import torch
 
 from rl.batch import TOKEN_CLASS, RolloutBatch
 from rl.tasks import Sample
+from rl.vision import ImageInputs, ImageProcessor
 
 
 def train_samples_at(task, start: int, n: int) -> list[Sample]:
@@ -29,9 +30,30 @@ class EncodedPrompt:
     # Positions inside the sample's own text (not the model's prompt_prefix/response_prefix
     # template): the tokens LeaF may call confounders.
     in_text: list[bool] | None = None
+    # A vision-language prompt: `ids` have each image pad expanded to the image's tokens (what
+    # the learner reads); the engine gets `engine_ids` (one pad per image) and the images.
+    engine_ids: list[int] | None = None
+    images: list | None = None
+    image_inputs: ImageInputs | None = None
+
+    @property
+    def request(self) -> dict:
+        """What a rollout engine is sent for this prompt."""
+        if self.images:
+            return {"prompt_token_ids": self.engine_ids, "images": self.images}
+        return {"prompt_token_ids": self.ids}
 
 
-def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "") -> EncodedPrompt:
+def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "",
+                  images: ImageProcessor | None = None) -> EncodedPrompt:
+    """Token ids and per-token classes of `prefix + sample.prompt + suffix`; with `images`
+    (a vision-language model's processor) also the pixel values, pads expanded."""
+    if sample.images and images is None:
+        raise ValueError(f"{sample.uid}: the task draws images but the model is text-only "
+                         "(use a vision-language model, e.g. model=tiny_vl)")
+    if images is not None and not sample.images:
+        raise ValueError(f"{sample.uid}: a vision-language model needs an image in every "
+                         "prompt and this one has none (use an image task, e.g. task=image_arith)")
     text = prefix + sample.prompt + suffix
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labelled = [(TOKEN_CLASS[name], spans) for name, spans in sample.segments.items()
@@ -45,7 +67,30 @@ def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "")
                 c = cls
         classes.append(c)
         in_text.append(0 <= pos < len(sample.prompt))
-    return EncodedPrompt(sample, list(enc["input_ids"]), classes, in_text)
+    ids = list(enc["input_ids"])
+    if images is None:
+        return EncodedPrompt(sample, ids, classes, in_text)
+    inputs = images.process(sample.images)
+    try:
+        expanded, (classes, in_text) = images.expand(ids, [classes, in_text], inputs.tokens)
+    except ValueError as exc:
+        raise ValueError(f"{sample.uid}: {exc}") from None
+    return EncodedPrompt(sample, expanded, classes, in_text, engine_ids=ids,
+                         images=list(sample.images), image_inputs=inputs)
+
+
+def image_fields(prompts: list[EncodedPrompt], rows_per_prompt: list[int]) -> dict:
+    """pixel_values [B, patches, D] and image_grid_thw [B, images, 3] for rows made from
+    `prompts` (prompt i giving rows_per_prompt[i] rows); {} for a text model. Every prompt of
+    a batch must give the same image shapes (a task draws fixed-size images)."""
+    if prompts[0].image_inputs is None:
+        return {}
+    shapes = {tuple(p.image_inputs.pixel_values.shape) for p in prompts}
+    if len(shapes) > 1:
+        raise ValueError(f"images of one batch must have one size; got pixel shapes {sorted(shapes)}")
+    rep = lambda x: torch.stack([t for t, n in zip(x, rows_per_prompt) for _ in range(n)])  # noqa: E731
+    return {"pixel_values": rep([p.image_inputs.pixel_values for p in prompts]),
+            "image_grid_thw": rep([p.image_inputs.image_grid_thw for p in prompts])}
 
 
 def check_prompt_lengths(prompts: list[EncodedPrompt], max_model_len: int) -> None:
@@ -98,6 +143,7 @@ def collate_rollouts(prompts: list[EncodedPrompt], completions: list[list], pad_
         rewards=torch.zeros(b),
         token_weights=pad_rows([[1.0] * len(r) for r in ids], 1.0, torch.float32),
         meta=meta,
+        **image_fields(prompts, [len(c) for c in completions]),
     )
 
 
@@ -111,4 +157,5 @@ def collate_sft(prompts: list[EncodedPrompt], responses: list[list[int]], pad_id
         "response_mask": pad_rows(resp, 0, torch.bool),
         "token_classes": pad_rows([p.classes + [TOKEN_CLASS["response"]] * len(r)
                                    for p, r in zip(prompts, responses)], 0, torch.int8),
+        **image_fields(prompts, [1] * len(prompts)),
     }

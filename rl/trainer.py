@@ -39,11 +39,12 @@ from rl.tasks import get_task
 from rl.tasks.base import stable_hash
 from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
 from rl.tracking import Tracker
+from rl.vision import image_processor_for
 
 log = logging.getLogger(__name__)
 
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages",
-              "sampler_logprobs", "ref_logprobs")
+              "sampler_logprobs", "ref_logprobs", "pixel_values", "image_grid_thw")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -80,10 +81,14 @@ class Trainer:
         if resume_from is not None:
             check_same_run(self.out / "config.yaml", run_config)
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
-        self.tok = load_tokenizer(base_model_path(cfg, Path(cfg.cache_dir)))
+        base = base_model_path(cfg, Path(cfg.cache_dir))
+        self.tok = load_tokenizer(base)
+        self.images = image_processor_for(base)  # None for a text model
         for split in ("train", "test"):  # a finite data set is checked whole, before any actor
-            if self.task.num_samples(split) is not None:
-                self.encode(self.task.dataset(split))
+            n = self.task.num_samples(split)
+            # (a generated one by its first sample: an image task with a text model, or the
+            # reverse, fails here)
+            self.encode(self.task.dataset(split, 1 if n is None else None))
         init_ray(cfg.cluster)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -131,7 +136,8 @@ class Trainer:
     # --- data -------------------------------------------------------------------------------
     def encode(self, samples):
         m = self.cfg.model
-        prompts = [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
+        prompts = [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix, self.images)
+                   for s in samples]
         check_prompt_lengths(prompts, self.cfg.rollout.max_model_len)
         return prompts
 
@@ -140,7 +146,7 @@ class Trainer:
         r = self.cfg.rollout
         parts = np.array_split(np.arange(len(prompts)), len(self.engines))
         futures = [
-            e.generate.remote([prompts[i].ids for i in idx], n, temperature, r.top_p,
+            e.generate.remote([prompts[i].request for i in idx], n, temperature, r.top_p,
                               r.max_new_tokens, None if seeds is None else [seeds[i] for i in idx])
             for e, idx in zip(self.engines, parts) if len(idx)
         ]
@@ -197,8 +203,7 @@ class Trainer:
         """Old logprobs and entropy — and, when credit or AVAR read them, the attention
         statistics — from one no-grad forward of the current policy. Returns AVAR's key-class
         masses ({layer: [B, H, T, 2]}) or None."""
-        t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-             "response_mask": batch.response_mask}
+        t = {**batch.model_inputs(), "response_mask": batch.response_mask}
         plan = self.stats_plan
         if plan.vars_on:
             t["key_classes"] = plan.avar.key_classes(batch)
@@ -400,8 +405,8 @@ class Trainer:
         evidence/system key-class masses on avar.layers."""
         avar = self.stats_plan.avar
         batch = collate_rollouts(prompts, completions, self.tok.pad_token_id)
-        t = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-             "response_mask": batch.response_mask, "key_classes": avar.key_classes(batch)}
+        t = {**batch.model_inputs(), "response_mask": batch.response_mask,
+             "key_classes": avar.key_classes(batch)}
         out = self.learner.score(t, self.cfg.rollout.temperature, avar.request())
         return avar.vas_metrics(batch, avar.masses(out["attn_stats"]), "eval")
 

@@ -66,6 +66,37 @@ def scheduling_args(cfg: EngineConfig, on_gpu: bool) -> dict:
     return args
 
 
+# Images a vision-language prompt may carry (vLLM sizes its multi-modal budget by it).
+MAX_IMAGES_PER_PROMPT = 1
+
+
+def image_placeholder_ids(model_path: str) -> list[int]:
+    """A vision-language model's placeholder tokens (image/video pads, vision start/end); []
+    for a text model. A response must never contain them: the learner's forward would take
+    a generated pad for an image slot (and fail: more slots than image features)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    if getattr(cfg, "vision_config", None) is None:
+        return []
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None})
+
+
+def engine_prompt(prompt):
+    """A vLLM prompt from token ids, or from {"prompt_token_ids", "images"} (ids with ONE
+    image pad per image: vLLM expands it, and would expand already-expanded ids again)."""
+    from vllm.inputs import TokensPrompt
+
+    if not isinstance(prompt, dict):
+        return TokensPrompt(prompt_token_ids=list(prompt))
+    images = prompt.get("images") or []
+    if not images:
+        return TokensPrompt(prompt_token_ids=list(prompt["prompt_token_ids"]))
+    return TokensPrompt(prompt_token_ids=list(prompt["prompt_token_ids"]),
+                        multi_modal_data={"image": images[0] if len(images) == 1 else images})
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
@@ -85,6 +116,9 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.transport = transport
+        placeholders = image_placeholder_ids(cfg.model_path)
+        mm = ({"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0}}
+              if placeholders else {})
         self.llm = LLM(
             model=cfg.model_path,
             dtype=cfg.dtype,
@@ -95,7 +129,12 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
             **scheduling_args(cfg, on_gpu=torch.cuda.is_available()),
+            **mm,
         )
+        # Sampling may use every token but a VLM's placeholders (None: no restriction).
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self.allowed_ids = ([t for t in range(vocab) if t not in set(placeholders)]
+                            if placeholders else None)
         self.weight_version = 0
         self.start_s = time.perf_counter() - t0
 
@@ -104,29 +143,26 @@ class VLLMEngine:
 
     def generate(
         self,
-        prompt_token_ids: list[list[int]],
+        prompts: list,
         n: int,
         temperature: float,
         top_p: float,
         max_tokens: int,
         seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
-        """n completions per prompt; a per-prompt seed makes sampling reproducible (resume)."""
+        """n completions per prompt (token ids, or `engine_prompt`'s dict with images); a
+        per-prompt seed makes sampling reproducible (resume)."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = [
             SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                 logprobs=0 if temperature > 0 else None,
-                seed=None if seeds is None else seeds[i],
+                seed=None if seeds is None else seeds[i], allowed_token_ids=self.allowed_ids,
             )
-            for i in range(len(prompt_token_ids))
+            for i in range(len(prompts))
         ]
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
-            use_tqdm=False,
-        )
+        outs = self.llm.generate([engine_prompt(p) for p in prompts], params, use_tqdm=False)
         result = []
         for out in outs:
             comps = []
@@ -138,22 +174,22 @@ class VLLMEngine:
             result.append(comps)
         return result
 
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+    def score(self, sequences: list) -> list[list[float]]:
         """Logprob of each token given the ones before it (first token: none) — to compare
-        the engine's weights with the learner's."""
+        the engine's weights with the learner's. Sequences as in `generate`; with images the
+        logprobs are over the expanded ids (each image pad repeated per image token)."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], sp,
-                                 use_tqdm=False)
-        return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])]
-                for o, s in zip(outs, sequences)]
+        outs = self.llm.generate([engine_prompt(s) for s in sequences], sp, use_tqdm=False)
+        return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+                for o in outs]
 
     def update_weights(self, payload, version: int) -> dict:
+        from rollout.vllm_internals import forget_cached_inputs
+
         results = self.llm.collective_rpc("receive_weights", args=(self.transport, payload))
-        # Cached KV of earlier prompts was computed with the old weights.
-        self.llm.reset_prefix_cache()
+        forget_cached_inputs(self.llm)
         self.weight_version = version
         return {"version": version, "load_s": max(r["load_s"] for r in results)}
 

@@ -32,6 +32,16 @@ class WeightReceiver:
         return {"load_s": time.perf_counter() - t0}
 
 
+def forget_cached_inputs(llm) -> None:
+    """After new weights: cached KV of earlier prompts, and for a vision-language model the
+    cached vision-encoder outputs and processed images, came from the old weights or no longer
+    match the worker's caches (`reload_weights` clears the worker's encoder cache but not the
+    scheduler's record of it: the next repeated image fails with "Encoder cache miss")."""
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
+
+
 def _retie_embeddings(model) -> None:
     """Layer-wise reload restores the old lm_head of a tied model (it receives no weight of its
     own: the checkpoint has none), breaking the tie. Point it at the new embeddings again."""

@@ -35,3 +35,11 @@ def tiny_model_dir(tmp_path_factory):
     from rl.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dir(tmp_path_factory):
+    """A random tiny Qwen2.5-VL + char tokenizer with Qwen-VL's special tokens + processor."""
+    from rl.tiny_vl import build_tiny_vl_model
+
+    return str(build_tiny_vl_model(tmp_path_factory.mktemp("tiny_vl")))

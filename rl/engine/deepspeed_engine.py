@@ -19,14 +19,17 @@ import torch.nn.functional as F
 
 from rl.algorithms.losses import distill_loss, policy_loss, sft_loss
 from rl.engine.base import TrainEngine
-from rl.engine.frozen import (FrozenModel, input_grad_norms, logits_of, next_token_logprobs,
-                              topk_logprobs)
+from rl.engine.frozen import (FrozenModel, input_grad_norms, load_model, logits_of,
+                              next_token_logprobs, topk_logprobs)
 
 log = logging.getLogger(__name__)
 
+# Files of the base model folder an exported checkpoint needs beside the weights (tokenizer,
+# and a vision-language model's processor, which vLLM and the learner read images with).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tiny_model_spec.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt")
+                   "vocab.json", "merges.txt", "processor_config.json",
+                   "preprocessor_config.json", "video_preprocessor_config.json")
 
 
 @dataclass
@@ -73,7 +76,6 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 class DeepSpeedEngine(TrainEngine):
     def __init__(self, cfg: DSEngineConfig):
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         on_gpu = torch.cuda.is_available()
@@ -85,7 +87,7 @@ class DeepSpeedEngine(TrainEngine):
         self.world_size = torch.distributed.get_world_size()
         torch.manual_seed(cfg.seed)
         dtype = getattr(torch, cfg.dtype)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        model = load_model(cfg.model_path, dtype)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.attention == "kernels":
@@ -113,7 +115,7 @@ class DeepSpeedEngine(TrainEngine):
         self.device = self.engine.device
         self.ref = None
         if cfg.ref_model_path:
-            self.ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model_path, dtype=dtype)
+            self.ref = load_model(cfg.ref_model_path, dtype)
             self.ref.to(self.device).eval().requires_grad_(False)
         self.teacher = (FrozenModel(cfg.teacher_model_path, cfg.dtype, str(self.device),
                                     vocab_size=model.config.vocab_size)
@@ -183,9 +185,15 @@ class DeepSpeedEngine(TrainEngine):
 
     def _null_backward(self, b):
         """A zero-gradient backward through every parameter, so DeepSpeed's per-parameter
-        reduction hooks fire the same on every rank even when this micro-batch is dropped."""
-        out = self.engine(input_ids=b["input_ids"][:1, :1], use_cache=False)
-        self.engine.backward(out.logits.sum() * 0.0)
+        reduction hooks fire the same on every rank even when this micro-batch is dropped
+        (a vision-language model's first row whole, so that its vision tower takes part)."""
+        if "pixel_values" in b:
+            logits = logits_of(self.engine, {k: v[:1] for k, v in b.items()
+                                             if k in ("input_ids", "attention_mask", "pixel_values",
+                                                      "image_grid_thw")})
+        else:
+            logits = self.engine(input_ids=b["input_ids"][:1, :1], use_cache=False).logits
+        self.engine.backward(logits.sum() * 0.0)
 
     def train_minibatch(self, micro_batches, loss, loss_cfg, normaliser, temperature=1.0):
         if len(micro_batches) != self.cfg.grad_accum_steps:

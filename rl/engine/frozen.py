@@ -13,10 +13,49 @@ import torch.nn.functional as F
 from rl.engine.base import ScoringEngine
 
 
+# A logit low enough that the token has probability 0 in float32 and bfloat16, yet finite, so
+# that entropy (p · log p) stays 0 · finite = 0 rather than NaN.
+NEVER = -1.0e4
+
+
+def load_model(model_path: str, dtype):
+    """The HF model of a folder: a causal LM, or a vision-language model (its config has a
+    vision part) whose forward also takes `pixel_values` / `image_grid_thw`.
+
+    A VLM's placeholder tokens (image pads, vision start/end) get logit NEVER in every forward:
+    the rollout engines never sample them (rollout/vllm_engine.py), so the learner's
+    distribution is the engines' — the same renormalised softmax — and the ratio is exact."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from rollout.vllm_engine import image_placeholder_ids
+
+    banned = image_placeholder_ids(model_path)
+    auto = AutoModelForImageTextToText if banned else AutoModelForCausalLM
+    model = auto.from_pretrained(model_path, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if banned:
+        ids = torch.tensor(banned)
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, logits: logits.index_fill(-1, ids.to(logits.device), NEVER))
+    return model
+
+
+def image_kwargs(model, b: dict[str, torch.Tensor]) -> dict:
+    """A batch's images as the VLM forward takes them: every row's patches in row order, and
+    which tokens are image slots. Without `mm_token_type_ids` transformers (5.x) silently
+    gives every token 1-D positions instead of the image's 2-D M-RoPE ones — which vLLM does
+    use: the learner then scores a different model (seen: logprob gaps up to 10 nats)."""
+    if "pixel_values" not in b:
+        return {}
+    image_id = getattr(model, "module", model).config.image_token_id   # (DeepSpeed wraps)
+    return {"pixel_values": b["pixel_values"].flatten(0, 1),
+            "image_grid_thw": b["image_grid_thw"].flatten(0, 1),
+            "mm_token_type_ids": (b["input_ids"] == image_id).int()}
+
+
 def logits_of(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, T, V] logits of a right-padded batch (no KV cache: one full forward)."""
     return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
-                 use_cache=False).logits
+                 use_cache=False, **image_kwargs(model, b)).logits
 
 
 def next_token_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -63,10 +102,8 @@ class FrozenModel(ScoringEngine):
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None,
                  vocab_size: int | None = None):
-        from transformers import AutoModelForCausalLM
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = load_model(model_path, dtype)
         self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size = vocab_size
 

@@ -14,12 +14,14 @@ from rl.tasks.arith import ArithTask
 from rl.tasks.base import SPLITS, TEST, TRAIN, Sample, Task
 from rl.tasks.chain import ChainTask
 from rl.tasks.countdown import CountdownTask
+from rl.tasks.image_arith import ImageArithTask
 from rl.tasks.jsonl import DatasetError, JsonlTask, gsm8k_preset, math_preset
 
 TASKS: Dict[str, Callable[..., Task]] = {
     "arith": ArithTask,
     "countdown": CountdownTask,
     "chain": ChainTask,
+    "image_arith": ImageArithTask,
     "jsonl": JsonlTask,
     "gsm8k": gsm8k_preset,
     "math": math_preset,
@@ -39,4 +41,4 @@ def get_task(name: str, **params: Any) -> Task:
 
 
 __all__ = ["TASKS", "get_task", "Task", "Sample", "SPLITS", "TRAIN", "TEST", "DatasetError",
-           "ArithTask", "CountdownTask", "ChainTask", "JsonlTask"]
+           "ArithTask", "CountdownTask", "ChainTask", "ImageArithTask", "JsonlTask"]

@@ -16,6 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 Span = Tuple[int, int]
 
 TRAIN, TEST = "train", "test"
+
+# An image in a prompt, in the Qwen-VL convention our vision-language models read: ONE pad
+# token per image (the model side expands it to the image's token count).
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 SPLITS = (TRAIN, TEST)
 
 
@@ -35,6 +39,8 @@ class Sample:
     segments: Dict[str, List[Span]] = field(default_factory=dict)
     distractors: List[Span] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
+    # PIL images of a vision-language task, one per `IMAGE_PAD` in `prompt`, in order.
+    images: List[Any] = field(default_factory=list)
 
     def segment_text(self, key: str) -> List[str]:
         return [self.prompt[s:e] for s, e in self.segments.get(key, [])]
@@ -96,6 +102,7 @@ class PromptBuilder:
         self._len = 0
         self.segments: Dict[str, List[Span]] = {}
         self.distractors: List[Span] = []
+        self.images: List[Any] = []
 
     def add(self, text: str, label: Optional[str] = None) -> "PromptBuilder":
         start, self._len = self._len, self._len + len(text)
@@ -105,6 +112,11 @@ class PromptBuilder:
         elif label is not None:
             self.segments.setdefault(label, []).append((start, self._len))
         return self
+
+    def add_image(self, image) -> "PromptBuilder":
+        """An image at this point of the prompt; its pad token is labelled "image"."""
+        self.images.append(image)
+        return self.add(VISION_START).add(IMAGE_PAD, "image").add(VISION_END)
 
     @property
     def text(self) -> str:

@@ -154,13 +154,19 @@ def defaults() -> dict[str, str]:
 @pytest.mark.parametrize("group", ["task", "algorithm", "credit"])
 def test_readme_runs_every_preset(group):
     """Each shipped task, algorithm preset and credit strategy is in some README command
-    (the default one counts through `make run`), so the smoke suite runs every one."""
+    (the default one counts through `make run`, a preset's through `experiment=`), so the
+    smoke suite runs every one."""
     shown = {defaults()[group]}
     for c in COMMANDS:
         for a in c.text.split():
             key, _, value = a.partition("=")
             if key == group:
                 shown |= set(value.split(","))
+            elif key == "experiment":  # a preset's own choice of the group counts too
+                for name in value.split(","):
+                    preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml"))
+                    shown |= {d[f"override /{group}"] for d in preset.get("defaults", [])
+                              if isinstance(d, dict) and f"override /{group}" in d}
     presets = {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
     assert presets <= shown, f"README shows no command with {group}={sorted(presets - shown)}"
 

@@ -140,6 +140,7 @@ def test_leaf_settings_fail_before_any_actor(overrides, message):
     (["avar.vars_coef=-1"], "avar.vars_coef"),
     (["avar.layers=top:3"], "layers must be"),
     (["avar.vars_coef=0.3", "learner.attention=sdpa"], "learner.attention must be kernels"),
+    (["avar.vars_coef=0.3", "avar.evidence=image"], "needs a vision-language model"),
     (["cold_start.objective=agto", "learner.attention=sdpa"], "learner.attention must be kernels"),
 ])
 def test_avar_settings_fail_before_any_actor(overrides, message):
