@@ -43,15 +43,17 @@ class ArithTask(ProceduralTask):
 
     name = "arith"
     verifier = "arith"
+    max_digits = 12
 
     def __post_init__(self) -> None:
         self._check_common()
         lo = self.digits if self.min_digits is None else self.min_digits
-        if not 1 <= lo <= self.digits <= 12:
-            raise ValueError(f"arith: need 1 <= min_digits <= digits <= 12, got {lo}, {self.digits}")
+        if not 1 <= lo <= self.digits <= self.max_digits:
+            raise ValueError(f"{self.name}: need 1 <= min_digits <= digits <= {self.max_digits}, "
+                             f"got {lo}, {self.digits}")
         if self.n_terms < 2:
-            raise ValueError(f"arith: n_terms must be >= 2, got {self.n_terms}")
-        check_prob("arith", "distractor_prob", self.distractor_prob)
+            raise ValueError(f"{self.name}: n_terms must be >= 2, got {self.n_terms}")
+        check_prob(self.name, "distractor_prob", self.distractor_prob)
         self._lo = lo
 
     def _draw(self, rng: random.Random) -> List[int]:

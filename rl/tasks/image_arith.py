@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 from typing import List, Optional
 
-from rl.tasks.arith import column_steps
-from rl.tasks.base import PromptBuilder, ProceduralTask, Sample, check_prob, distractor_number
+from rl.tasks.arith import ArithTask, column_steps
+from rl.tasks.base import PromptBuilder, Sample, distractor_number
 
 SYSTEM = "Add the numbers in the image.\n"
 CELL = 28   # pixels per glyph: one patch-merge window of Qwen-VL (14 × 2), so one image token
@@ -54,37 +54,18 @@ def draw_expression(text: str, cells: int, rng: random.Random, jitter: int = 2):
 
 
 @dataclass
-class ImageArithTask(ProceduralTask):
+class ImageArithTask(ArithTask):
+    """arith's problems (drawing, split keys, checks), rendered as an image."""
     digits: int = 2
     min_digits: Optional[int] = 1
-    n_terms: int = 2
-    distractor_prob: float = 0.0
-    seed: int = 0
-    heldout_frac: float = 0.1
 
     name = "image_arith"
     verifier = "arith"
+    max_digits = 6
 
     def __post_init__(self) -> None:
-        self._check_common()
-        lo = self.digits if self.min_digits is None else self.min_digits
-        if not 1 <= lo <= self.digits <= 6:
-            raise ValueError(f"image_arith: need 1 <= min_digits <= digits <= 6, got {lo}, {self.digits}")
-        if self.n_terms < 2:
-            raise ValueError(f"image_arith: n_terms must be >= 2, got {self.n_terms}")
-        check_prob("image_arith", "distractor_prob", self.distractor_prob)
-        self._lo = lo
+        super().__post_init__()
         self.cells = self.n_terms * (self.digits + 1) - 1   # widest expression: one token per glyph
-
-    def _draw(self, rng: random.Random) -> List[int]:
-        terms = []
-        for _ in range(self.n_terms):
-            d = rng.randint(self._lo, self.digits)
-            terms.append(rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1))
-        return terms
-
-    def _key(self, terms: List[int]) -> str:
-        return "+".join(str(t) for t in sorted(terms))
 
     def _render(self, terms: List[int], rng: random.Random) -> Sample:
         expr = "+".join(str(t) for t in terms)
