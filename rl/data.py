@@ -33,14 +33,13 @@ class EncodedPrompt:
     # A vision-language prompt: `ids` have each image pad expanded to the image's tokens (what
     # the learner reads); the engine gets `engine_ids` (one pad per image) and the images.
     engine_ids: list[int] | None = None
-    images: list | None = None
     image_inputs: ImageInputs | None = None
 
     @property
     def request(self) -> dict:
         """What a rollout engine is sent for this prompt."""
-        if self.images:
-            return {"prompt_token_ids": self.engine_ids, "images": self.images}
+        if self.image_inputs is not None:
+            return {"prompt_token_ids": self.engine_ids, "images": list(self.sample.images)}
         return {"prompt_token_ids": self.ids}
 
 
@@ -75,8 +74,7 @@ def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "",
         expanded, (classes, in_text) = images.expand(ids, [classes, in_text], inputs.tokens)
     except ValueError as exc:
         raise ValueError(f"{sample.uid}: {exc}") from None
-    return EncodedPrompt(sample, expanded, classes, in_text, engine_ids=ids,
-                         images=list(sample.images), image_inputs=inputs)
+    return EncodedPrompt(sample, expanded, classes, in_text, engine_ids=ids, image_inputs=inputs)
 
 
 def image_fields(prompts: list[EncodedPrompt], rows_per_prompt: list[int]) -> dict:

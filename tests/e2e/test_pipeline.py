@@ -82,6 +82,29 @@ def metrics(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
+def record_vars_shaping(monkeypatch) -> list:
+    """Patch AVAR's VARS stage to record, per step, (rewards before, after, correct, AVAR's
+    layers, token classes). A short cold start rarely solves a problem; so that the
+    correctness gate is exercised both ways, every other response counts as correct here (the
+    verifier is not under test)."""
+    from rl.avar.visual_attention import VisualAttention
+
+    shaped, shape = [], VisualAttention.shape_rewards
+
+    def recording_shape(self, batch, mass):
+        for i, x in enumerate(batch.meta):
+            x["correct"] = float(x["correct"] or i % 2 == 0)
+        before = batch.rewards.clone()
+        m = shape(self, batch, mass)
+        shaped.append((before, batch.rewards.clone(),
+                       torch.tensor([bool(x["correct"]) for x in batch.meta]), sorted(mass),
+                       batch.token_classes.clone()))
+        return m
+
+    monkeypatch.setattr(VisualAttention, "shape_rewards", recording_shape)
+    return shaped
+
+
 GREEDY_EVALS: dict[Path, list] = {}  # run folder → token ids of each greedy (eval) generation
 
 
@@ -233,7 +256,6 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
     credit metrics, the time share and the W&B credit table are written. AVAR's VARS rides on
     the same scoring forward (its class masses on all 4 layers, credit's statistics on its 2)
     and VAS is measured at every evaluation."""
-    from rl.avar.visual_attention import VisualAttention
     from rl.credit.preplan_anchor import PreplanAnchorCredit
 
     seen = {}  # step → (local heads chosen by the method, local heads by the definition)
@@ -246,22 +268,8 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
                           local_heads_by_definition(batch.attn_stats, batch.response_mask, self.p.head_quantile))
         return metrics
 
-    shaped = []  # (rewards before, after, correct, AVAR's layers) per step
-    shape = VisualAttention.shape_rewards
-
-    def recording_shape(self, batch, mass):
-        # The 12-step cold start rarely solves a problem; so that the gate is exercised both
-        # ways, every other response counts as correct here (the verifier is not under test)
-        for i, x in enumerate(batch.meta):
-            x["correct"] = float(x["correct"] or i % 2 == 0)
-        before = batch.rewards.clone()
-        m = shape(self, batch, mass)
-        shaped.append((before, batch.rewards.clone(),
-                       torch.tensor([bool(x["correct"]) for x in batch.meta]), sorted(mass)))
-        return m
-
+    shaped = record_vars_shaping(monkeypatch)
     monkeypatch.setattr(PreplanAnchorCredit, "__call__", recording_call)
-    monkeypatch.setattr(VisualAttention, "shape_rewards", recording_shape)
     out = tmp_path_factory.mktemp("run_coupled")
     cfg = make_cfg(out, cache_dir, dataset, ["steps=2", "credit=coupled", "logger=wandb",
                                              "learner.num_ranks=2",
@@ -296,7 +304,7 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
     # VARS: 0.3 · r_visual added to correct responses only (r_visual > 0: attention masses
     # are positive), before advantages; VAS of the held-out responses at steps 0 and 2
     assert len(shaped) == 2
-    for before, after, correct, layers in shaped:
+    for before, after, correct, layers, _ in shaped:
         assert layers == [0, 1, 2, 3]
         bonus = after - before
         assert (bonus[~correct] == 0).all() and (bonus[correct] > 0).all()

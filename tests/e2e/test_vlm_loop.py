@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from rl.avar.scores import EVIDENCE, SYSTEM, key_classes
 from rl.config import register_configs
 from rl.trainer import Trainer
-from tests.e2e.test_pipeline import metrics
+from tests.e2e.test_pipeline import metrics, record_vars_shaping
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -21,24 +20,9 @@ pytestmark = pytest.mark.timeout(3600)
 
 
 def test_vlm_loop_with_agto_vars_and_coupled_credit(ray_session, tmp_path, monkeypatch):
-    from rl.avar.visual_attention import VisualAttention
     from rl.credit.preplan_anchor import PreplanAnchorCredit
 
-    shaped = []  # per step: (bonus, correct, image / system keys per row, AVAR's layers)
-    shape = VisualAttention.shape_rewards
-
-    def recording_shape(self, batch, mass):
-        # A 12-step cold start rarely solves a problem; so that the correctness gate is
-        # exercised both ways, every other response counts as correct here
-        for i, x in enumerate(batch.meta):
-            x["correct"] = float(x["correct"] or i % 2 == 0)
-        before = batch.rewards.clone()
-        m = shape(self, batch, mass)
-        kc = key_classes(batch.token_classes, "image")
-        shaped.append((batch.rewards - before, torch.tensor([bool(x["correct"]) for x in batch.meta]),
-                       ((kc == EVIDENCE).sum(1), (kc == SYSTEM).sum(1)), sorted(mass)))
-        return m
-
+    shaped = record_vars_shaping(monkeypatch)  # per step: rewards before/after, correct, layers, classes
     gammas = []
     call = PreplanAnchorCredit.__call__
 
@@ -47,7 +31,6 @@ def test_vlm_loop_with_agto_vars_and_coupled_credit(ray_session, tmp_path, monke
         gammas.append(self.trace.gamma[batch.response_mask].clone())
         return out
 
-    monkeypatch.setattr(VisualAttention, "shape_rewards", recording_shape)
     monkeypatch.setattr(PreplanAnchorCredit, "__call__", recording_call)
     overrides = [
         f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
@@ -75,7 +58,10 @@ def test_vlm_loop_with_agto_vars_and_coupled_credit(ray_session, tmp_path, monke
         assert m[step]["train/grad_norm"] > 0 and m[step]["sync/bytes"] > 0
         assert 0 < m[step]["time/vars_share"] < 1
     assert len(shaped) == 2 and len(gammas) == 2
-    for bonus, correct, (image_keys, system_keys), layers in shaped:
+    for before, after, correct, layers, classes in shaped:
+        bonus = after - before
+        kc = key_classes(classes, "image")
+        image_keys, system_keys = (kc == EVIDENCE).sum(1), (kc == SYSTEM).sum(1)
         assert layers == [0, 1, 2, 3]
         # 5 image tokens per prompt (140 × 28 pixels), the instruction's 30 characters
         assert image_keys.tolist() == [5] * 8 and system_keys.tolist() == [30] * 8
