@@ -33,6 +33,7 @@ class TinyVisionSpec:
     depth: int = 2
     hidden_size: int = 128
     num_heads: int = 2
+    pretrain_steps: int = 80   # glyph classification before the LM sees it; 0 = random tower
 
 
 def build_vl_tokenizer():
@@ -53,8 +54,8 @@ def build_image_processor():
 
 def build_tiny_vl_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None,
                         vision: TinyVisionSpec | None = None) -> Path:
-    """Write a randomly initialised Qwen2.5-VL (text part from `spec`, the tower from `vision`)
-    + tokenizer + processor as an HF folder vLLM can load."""
+    """Write a Qwen2.5-VL (text part from `spec`, random; the tower from `vision`, pretrained
+    on glyphs) + tokenizer + processor as an HF folder vLLM can load."""
     import torch
     from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2_5_VLProcessor)
@@ -97,6 +98,8 @@ def build_tiny_vl_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
     )
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.float32)
+    pretrain_vision_tower(model.model.visual, build_image_processor(), vision.pretrain_steps,
+                          spec.seed)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
@@ -108,3 +111,41 @@ def build_tiny_vl_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
                                                          indent=1))
     return out
 
+
+
+def pretrain_vision_tower(tower, image_processor, steps: int, seed: int,
+                          batch: int = 16, cells: int = 5, lr: float = 3e-3) -> float:
+    """Teach the tower (patch embedding, blocks, merger) to tell the glyphs apart: a linear
+    head (then discarded) classifies each image token of random glyph strips.
+
+    Real VLMs start from a pretrained vision encoder; a random one, trained only through the
+    LM, is what made the tiny VLM unable to read: one glyph in a one-token image took ~600
+    SFT steps to reach 84%, and the full task stayed at chance, while the same LM read
+    learned per-glyph embeddings (in place of image features) perfectly in 50 steps and
+    5-glyph images in ~150. After this step (80 steps, ~5 s) the LM reads 5-glyph images
+    in ~100 steps. The strips are random characters, never task problems (no held-out leak).
+    Returns the last batch's accuracy."""
+    import random
+
+    import torch
+
+    from rl.tasks.image_arith import GLYPHS, draw_expression
+
+    if steps <= 0:
+        return float("nan")
+    rng = random.Random(seed)
+    head = torch.nn.Linear(tower.merger.mlp[-1].out_features, len(GLYPHS))
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
+    for _ in range(steps):
+        strips = ["".join(rng.choice(GLYPHS) for _ in range(cells)) for _ in range(batch)]
+        x = image_processor(images=[draw_expression(t, cells, rng) for t in strips],
+                            return_tensors="pt")
+        feats = tower(x["pixel_values"].float(), grid_thw=x["image_grid_thw"]).pooler_output
+        labels = torch.tensor([GLYPHS.index(c) for t in strips for c in t])
+        logits = head(feats)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tower.zero_grad(set_to_none=True)
+    return (logits.argmax(-1) == labels).float().mean().item()

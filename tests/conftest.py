@@ -39,7 +39,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory):
-    """A random tiny Qwen2.5-VL + char tokenizer with Qwen-VL's special tokens + processor."""
+    """A tiny Qwen2.5-VL (random LM, glyph-pretrained tower) + char tokenizer with Qwen-VL's
+    special tokens + processor."""
     from rl.tiny_vl import build_tiny_vl_model
 
     return str(build_tiny_vl_model(tmp_path_factory.mktemp("tiny_vl")))

@@ -35,6 +35,7 @@ SEGMENTS = {"a": (8, 3, 20, 6), "b": (17, 3, 20, 14), "c": (17, 13, 20, 25), "d"
 DIGITS = {"0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc", "5": "afgcd",
           "6": "afgedc", "7": "abc", "8": "abcdefg", "9": "abcdfg"}
 PLUS = ((7, 12, 21, 15), (12, 7, 15, 20))
+GLYPHS = "0123456789+ "   # everything a cell can show (blank: the padding of a short term)
 
 
 def draw_expression(text: str, cells: int, rng: random.Random, jitter: int = 2):
