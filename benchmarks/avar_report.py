@@ -49,6 +49,25 @@ def table(runs: dict, arms: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def layer_table(runs: dict, arms: list[str]) -> str:
+    """VAS of the response tokens per layer, cold start → final (mean ± std over seeds): the
+    model-level VAS is a mean of ratios, so one layer whose system mass is ~0 can own it."""
+    some = next(iter(runs[arms[0]].values()))["metrics"][0]
+    layers = sorted(int(k.rsplit("_L", 1)[1]) for k in some if k.startswith("eval/vas_response_L"))
+    if not layers:
+        return ""
+    lines = ["| arm | " + " | ".join(f"L{i}: start → final" for i in layers) + " |",
+             "|" + "---|" * (len(layers) + 1)]
+    for a in arms:
+        cells = []
+        for i in layers:
+            key = f"eval/vas_response_L{i}"
+            vals = [[m[key] for m in r["metrics"] if key in m] for r in runs[a].values()]
+            cells.append(f"{pm([v[0] for v in vals if v], 2)} → {pm([v[-1] for v in vals if v], 2)}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("root", type=Path)
@@ -60,6 +79,8 @@ def main() -> None:
     arms = [a for a in ORDER if a in runs] + sorted(set(runs) - set(ORDER))
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(runs, arms)
+    if layers := layer_table(runs, arms):
+        text += "\nVAS (response tokens) per layer:\n\n" + layers
     (args.out / "table.md").write_text(text)
     plot_curves(runs, arms, [("eval/accuracy", "held-out accuracy, greedy (%)", 100),
                              ("eval/accuracy_sampled", "held-out accuracy, sampled (%)", 100),

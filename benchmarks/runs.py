@@ -27,7 +27,10 @@ def pm(xs, digits: int = 1) -> str:
     xs = [x for x in xs if x == x]
     if not xs:
         return "—"
-    return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.{digits}f}"
+    mu, sd = np.mean(xs), (np.std(xs, ddof=1) if len(xs) > 1 else 0.0)
+    if abs(mu) >= 1e4:  # ratios that blow up (an attention mass near 0): 3 significant digits
+        return f"{mu:.3g} ± {sd if sd > 1e-6 * abs(mu) else 0:.2g}"
+    return f"{mu:.{digits}f} ± {sd:.{digits}f}"
 
 
 def paired(runs, arm, base, key, scale: float = 100.0) -> str:
@@ -70,6 +73,9 @@ def plot_curves(runs: dict, arms: list[str], panels: list[tuple[str, str, float]
             mu, sd = ys.mean(0), ys.std(0)
             ax.plot(curves[0][0][:n], mu, marker="o", ms=3, label=f"{arm} (n={len(curves)})")
             ax.fill_between(curves[0][0][:n], mu - sd, mu + sd, alpha=0.12)
+        lo, hi = ax.dataLim.y0, ax.dataLim.y1
+        if lo > 0 and hi / lo > 1e3:  # values over orders of magnitude: a log axis
+            ax.set_yscale("log")
         ax.set_title(label)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)

@@ -48,17 +48,26 @@ def active_capture() -> "AttentionCapture | None":
 
 
 def select_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
-    """Resolve a layer selection to sorted, unique, valid layer indices."""
+    """Resolve a layer selection to sorted, unique, valid layer indices: 'all', 'none',
+    'middle:<n>' (n layers spread over the middle third), or layer indices as a list or as a
+    string ('3', '2,5')."""
+    forms = "'all', 'none', 'middle:<n>' (n >= 1) or layer indices ('3', '2,5')"
     if isinstance(layers, str):
-        if layers == "all":
+        text = layers.strip()
+        if text == "all":
             return list(range(num_layers))
-        if layers == "none":
+        if text == "none":
             return []
-        if layers.startswith("middle:"):
-            n = int(layers.split(":", 1)[1])
+        if text.startswith("middle:"):
+            n = text.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise ValueError(f"layers must be {forms}, got {layers!r}")
             lo, hi = num_layers // 3, (2 * num_layers) // 3
-            return sorted({int(round(x)) for x in np.linspace(lo, hi, n)})
-        raise ValueError(f"layers must be 'all', 'none', 'middle:<n>' or a list of ints, got {layers!r}")
+            return sorted({int(round(x)) for x in np.linspace(lo, hi, int(n))})
+        parts = [p.strip() for p in text.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"layers must be {forms}, got {layers!r}")
+        layers = [int(p) for p in parts]
     out = sorted({int(i) for i in layers})
     if out and (out[0] < 0 or out[-1] >= num_layers):
         raise ValueError(f"layer indices {out} out of range for {num_layers} layers")

@@ -284,7 +284,18 @@ VALID_CHOICES = {
     "avar.evidence": ("evidence", "image"),
     "avar.vas": ("auto", "always", "never"),
     "avar.vars_norm": ("none", "clip", "group_z"),
+    "learner.zero_stage": (0, 1, 2, 3),
+    "learner.backend": (None, "gloo", "nccl"),
+    "cluster.name": ("local", "ray"),
 }
+# Settings that must be at least 1 (counts), or above 0 (shares and rates).
+AT_LEAST_ONE = ("rollout.num_engines", "rollout.max_new_tokens", "learner.num_ranks",
+                "learner.micro_batch_size", "learner.torch_threads", "algorithm.prompts_per_step",
+                "algorithm.minibatch_size", "eval_every", "save_every")
+ABOVE_ZERO = ("rollout.temperature", "rollout.top_p", "rollout.gpu_memory_utilization",
+              "rollout.num_cpus_per_engine", "learner.num_cpus_per_rank")
+# Layer selections read by the statistics capture (kernels/capture.py `select_layers`).
+LAYER_KEYS = ("learner.stats_layers", "avar.layers")
 
 
 def check_config(cfg) -> None:
@@ -295,6 +306,9 @@ def check_config(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ValueError(f"config key {key}={value!r}: must be one of {allowed}")
+    check_sizes(cfg)
+    check_layers(cfg)
+    check_cluster(cfg)
     a, lr = cfg.algorithm, cfg.learner
     groups = a.prompts_per_step + max(cfg.leaf.counterfactual_groups, 0)
     batch = groups * a.n_samples
@@ -306,8 +320,9 @@ def check_config(cfg) -> None:
         raise ValueError(
             f"algorithm.minibatch_size={a.minibatch_size} must be a multiple of "
             f"learner.num_ranks={lr.num_ranks}")
-    if a.prompts_per_step % cfg.rollout.num_engines and cfg.rollout.num_engines > a.prompts_per_step:
-        raise ValueError("rollout.num_engines must not exceed algorithm.prompts_per_step")
+    if cfg.rollout.num_engines > a.prompts_per_step:
+        raise ValueError(f"rollout.num_engines={cfg.rollout.num_engines} must not exceed "
+                         f"algorithm.prompts_per_step={a.prompts_per_step}")
     if a.n_samples < 2:
         raise ValueError("algorithm.n_samples must be >= 2 for group baselines")
     check_rollout(cfg)
@@ -317,6 +332,59 @@ def check_config(cfg) -> None:
         raise ValueError(f"credit={cfg.credit.name} reads attention statistics: learner.attention "
                          "must be kernels (or auto), not sdpa")
     check_avar(cfg)
+
+
+def check_sizes(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    for key in AT_LEAST_ONE:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)}: must be >= 1")
+    for key in ABOVE_ZERO:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)}: must be > 0")
+    r = cfg.rollout
+    if r.top_p > 1 or r.gpu_memory_utilization > 1:
+        raise ValueError(f"rollout.top_p={r.top_p} and rollout.gpu_memory_utilization="
+                         f"{r.gpu_memory_utilization} must be in (0, 1]")
+    if r.eval_temperature < 0 or r.eval_samples < 0:
+        raise ValueError("rollout.eval_temperature and rollout.eval_samples must be >= 0")
+    if cfg.steps < 0 or cfg.keep_last < 0:
+        raise ValueError(f"steps={cfg.steps} and keep_last={cfg.keep_last} must be >= 0 "
+                         "(steps=0: evaluate the starting policy only; keep_last=0: keep all)")
+    if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < 1:
+        raise ValueError(f"cluster.num_cpus={cfg.cluster.num_cpus}: must be >= 1 (or null)")
+
+
+def check_layers(cfg, num_layers: int = 1 << 16) -> None:
+    """The layer selections' form; with the model's `num_layers`, also their range (the
+    cold start checks that against the base model before anything trains)."""
+    from omegaconf import OmegaConf
+
+    from kernels.capture import select_layers
+
+    for key in LAYER_KEYS:
+        try:
+            select_layers(OmegaConf.select(cfg, key), num_layers)
+        except ValueError as e:
+            raise ValueError(f"config key {key}: {e}") from None
+
+
+def check_cluster(cfg) -> None:
+    c = cfg.cluster
+    if c.name == "local" and c.address:
+        raise ValueError(f"cluster=local starts a private Ray instance, but cluster.address="
+                         f"{c.address!r} is set: to join a running cluster use cluster=ray "
+                         "(cluster.address=auto or ray://host:10001)")
+    if c.name == "ray" and not c.address:
+        raise ValueError("cluster=ray joins a running Ray cluster: set cluster.address "
+                         "(auto, or ray://host:10001)")
+    if cfg.learner.backend == "nccl" and c.name == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("learner.backend=nccl needs GPUs: this machine has none (use gloo, "
+                             "or null for the per-device default)")
 
 
 def _agto_or_vars(cfg) -> bool:
@@ -333,13 +401,10 @@ def avar_masses_needed(cfg) -> bool:
 
 
 def check_avar(cfg) -> None:
-    from kernels.capture import select_layers
-
     v = cfg.avar
     if v.vars_coef < 0 or v.agto_alpha < 0 or v.agto_beta < 0 or v.eps <= 0 or v.vars_clip <= 0:
         raise ValueError("avar.vars_coef, agto_alpha, agto_beta must be >= 0 and avar.eps, "
                          "vars_clip > 0")
-    select_layers(v.layers, 1 << 16)  # the form only; the range is checked against the model
     if (avar_masses_needed(cfg) and v.evidence == "image" and cfg.model.path is None
             and cfg.model.vision is None):
         raise ValueError("avar.evidence=image reads attention to image tokens: it needs a "

@@ -30,17 +30,23 @@ ACTOR_ENV = {
 
 
 def init_ray(cluster) -> None:
-    """Connect to a cluster (cluster.address) or start a local instance."""
+    """Join the cluster at cluster.address (cluster=ray), or start a private local instance
+    (cluster=local) — private even when RAY_ADDRESS is set or a `ray start` cluster (running,
+    or crashed and leaving its address file) exists: Ray would otherwise join that one, and
+    refuse the local instance's num_cpus ("When connecting to an existing cluster, num_cpus
+    and num_gpus must not be provided")."""
     if ray.is_initialized():
         return
     env = {**ACTOR_ENV}
     if cluster.address:
+        log.info("joining the Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
         return
     # Logical CPUs only gate scheduling; actors take fractions, phases alternate in time.
     num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, 4)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=True,
+             logging_level=logging.WARNING)
 
 
 @contextmanager

@@ -46,6 +46,7 @@ class Tracker:
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
             self.run = wandb.init(
                 project=self.cfg.project, name=f"{cfg.name}-seed{cfg.seed}", config=config_dict,
+                tags=[f"model:{cfg.model.name}", f"task:{cfg.task.name}", f"credit:{cfg.credit.name}"],
                 dir=str(output_dir), mode=mode, id=run_id,
                 resume="allow" if resume_step is not None else None,
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))

@@ -26,7 +26,7 @@ from rl.algorithms.losses import PolicyLossConfig
 from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, check_same_run
 from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
-from rl.config import build_credit, check_config
+from rl.config import build_credit, check_config, check_layers
 from rl.credit.render import credit_html
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
 from rl.leaf.detect import records
@@ -82,6 +82,7 @@ class Trainer:
             check_same_run(self.out / "config.yaml", run_config)
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
         base = base_model_path(cfg, Path(cfg.cache_dir))
+        check_layers(cfg, num_layers(base))  # layer selections against the model's depth
         self.tok = load_tokenizer(base)
         self.images = image_processor_for(base)  # None for a text model
         for split in ("train", "test"):  # a finite data set is checked whole, before any actor

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from rl.config import register_configs
-from tests.e2e.wandb_records import history
+from tests.e2e.wandb_records import history, run_tags
 from tests.e2e.arith_rows import write_rows
 from rl.trainer import Trainer
 
@@ -194,7 +194,9 @@ def test_wandb_offline_run_holds_the_per_step_metrics(uninterrupted):
     out, _ = uninterrupted
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    rows = history(next(runs[0].glob("run-*.wandb")))
+    run_file = next(runs[0].glob("run-*.wandb"))
+    assert run_tags(run_file) == ["model:tiny", "task:gsm8k", "credit:none"]
+    rows = history(run_file)
     by_step: dict[int, dict] = {}
     for r in rows:
         by_step.setdefault(r["_step"], {}).update(r)

@@ -45,3 +45,15 @@ def history(path: Path) -> list[dict]:
             rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                          for i in rec.history.item})
     return rows
+
+
+def run_tags(path: Path) -> list[str]:
+    """The tags of the run (its `run` record)."""
+    from wandb.proto import wandb_internal_pb2
+
+    for raw in records(path):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "run":
+            return list(rec.run.tags)
+    raise AssertionError(f"no run record in {path}")

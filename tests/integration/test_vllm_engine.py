@@ -134,3 +134,24 @@ def test_scheduling_defaults_per_device(on_gpu, cfg, want):
 def test_scheduling_rejects_what_would_crash(on_gpu, cfg, match):
     with pytest.raises(ValueError, match=match):
         scheduling_args(EngineConfig("m", **cfg), on_gpu)
+
+
+def test_engine_runs_in_its_actor_process_and_leaves_nothing_behind(ray_session, tiny_model_dir):
+    """vLLM's engine core and worker live inside the actor: no child process to outlive it
+    (vLLM's default spawns two), and after the actor is killed none of its processes is left."""
+    import time
+
+    import psutil
+
+    e = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(tiny_model_dir, max_model_len=64))
+    pid = ray.get(e.ready.remote())["pid"]
+    out = ray.get(e.generate.remote([[5, 6, 7]], n=2, temperature=1.0, top_p=1.0, max_tokens=4,
+                                    seeds=[0]))
+    assert all(1 <= len(c.token_ids) == len(c.logprobs) <= 4 for c in out[0])
+    children = psutil.Process(pid).children(recursive=True)
+    assert [c.cmdline() for c in children] == []
+    ray.kill(e)
+    deadline = time.time() + 30
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the engine actor's process outlived ray.kill"
+        time.sleep(0.2)

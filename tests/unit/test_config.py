@@ -87,7 +87,7 @@ def test_cross_field_checks_name_the_key():
         check_config(cfg)
 
 
-def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch):
+def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch, tmp_path):
     import rl.trainer as trainer
 
     def must_not_start(*_):
@@ -98,6 +98,10 @@ def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch):
         trainer.Trainer(load(["algorithm.loss_agg=median"]))
     with pytest.raises(TypeError, match="digitz"):
         trainer.Trainer(load(["+task.params.digitz=3"]))
+    # a layer beyond the model's 4: known once the base model is, still before Ray
+    with pytest.raises(ValueError, match=r"learner.stats_layers: layer indices \[99\] out of range"):
+        trainer.Trainer(load(["learner.stats_layers='99'", "credit=coupled",
+                              f"output_dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]))
 
 
 @pytest.mark.parametrize("name", ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled"])
@@ -158,3 +162,61 @@ def test_avar_picks_the_kernels_when_it_reads_attention(overrides, attention):
     cfg = load(overrides)
     check_config(cfg)
     assert learner_attention(cfg) == attention
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.num_engines=0"], r"rollout.num_engines=0: must be >= 1"),
+    (["rollout.num_engines=3", "algorithm.prompts_per_step=2", "algorithm.minibatch_size=8"],
+     r"rollout.num_engines=3 must not exceed algorithm.prompts_per_step=2"),
+    (["learner.num_ranks=0"], r"learner.num_ranks=0: must be >= 1"),
+    (["learner.zero_stage=4"], r"learner.zero_stage=4: must be one of \(0, 1, 2, 3\)"),
+    (["learner.backend=mpi"], r"learner.backend='mpi'"),
+    (["learner.micro_batch_size=0"], r"learner.micro_batch_size"),
+    (["learner.torch_threads=0"], r"learner.torch_threads"),
+    (["learner.num_cpus_per_rank=0"], r"learner.num_cpus_per_rank=0.0: must be > 0"),
+    (["rollout.temperature=0"], r"rollout.temperature"),
+    (["rollout.top_p=1.5"], r"rollout.top_p=1.5"),
+    (["rollout.gpu_memory_utilization=0"], r"rollout.gpu_memory_utilization"),
+    (["rollout.eval_samples=-1"], r"rollout.eval_samples"),
+    (["eval_every=0"], r"eval_every=0: must be >= 1"),
+    (["steps=-1"], r"steps=-1"),
+    (["cluster.num_cpus=0"], r"cluster.num_cpus=0"),
+    (["cluster.name=slurm"], r"cluster.name='slurm'"),
+    (["cluster.address=auto"], r"cluster=local starts a private Ray instance"),
+    (["cluster=ray", "cluster.address=null"], r"cluster=ray joins a running Ray cluster"),
+    (["learner.stats_layers=middle:0"], r"learner.stats_layers: layers must be"),
+    (["learner.stats_layers=first"], r"learner.stats_layers: layers must be"),
+    (["avar.layers=middle:x"], r"avar.layers: layers must be"),
+])
+def test_sizes_choices_and_cluster_fail_before_any_actor_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(load(overrides))
+
+
+def test_nccl_needs_a_gpu_here():
+    import torch
+
+    if torch.cuda.is_available():  # the lent GPU machine: nccl is a valid choice there
+        check_config(load(["learner.backend=nccl"]))
+    else:
+        with pytest.raises(ValueError, match="learner.backend=nccl needs GPUs"):
+            check_config(load(["learner.backend=nccl"]))
+
+
+@pytest.mark.parametrize("value, want", [("all", [0, 1, 2, 3]), ("middle:1", [1]), ("3", [3]),
+                                         ("0, 2", [0, 2]), ("none", [])])
+def test_layer_selections_accept_indices_and_check_the_range(value, want):
+    from kernels.capture import select_layers
+
+    from rl.config import check_layers
+
+    assert select_layers(value, 4) == want
+    cfg = load([f"learner.stats_layers='{value}'"])
+    check_config(cfg)
+    check_layers(cfg, num_layers=4)
+    with pytest.raises(ValueError, match=r"learner.stats_layers: layer indices \[99\] out of range for 4 layers"):
+        check_layers(load(["learner.stats_layers='99'"]), num_layers=4)
+
+
+def test_steps_zero_and_keep_all_are_valid():
+    check_config(load(["steps=0", "keep_last=0"]))
