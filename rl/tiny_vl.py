@@ -112,7 +112,6 @@ def build_tiny_vl_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
     return out
 
 
-
 def pretrain_vision_tower(tower, image_processor, steps: int, seed: int,
                           batch: int = 16, cells: int = 5, lr: float = 3e-3) -> float:
     """Teach the tower (patch embedding, blocks, merger) to tell the glyphs apart: a linear
@@ -120,9 +119,9 @@ def pretrain_vision_tower(tower, image_processor, steps: int, seed: int,
 
     Real VLMs start from a pretrained vision encoder; a random one, trained only through the
     LM, is what made the tiny VLM unable to read: one glyph in a one-token image took ~600
-    SFT steps to reach 84%, and the full task stayed at chance, while the same LM read
-    learned per-glyph embeddings (in place of image features) perfectly in 50 steps and
-    5-glyph images in ~150. After this step (80 steps, ~5 s) the LM reads 5-glyph images
+    SFT steps to reach 84%, and the full task stayed at chance, while the same LM, given a
+    learned embedding per glyph in place of the image features, read one glyph perfectly in
+    50 steps and five in ~150. After this step (80 steps, ~5 s) the LM reads 5-glyph images
     in ~100 steps. The strips are random characters, never task problems (no held-out leak).
     Returns the last batch's accuracy."""
     import random
