@@ -21,9 +21,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rl.avar.scores import AgtoConfig, check_classes, key_classes, user_query_mask
-from rl.config import check_layers
 from rl.data import collate_sft, encode_prompt, train_samples_at
-from rl.scoring_plan import num_layers
 from rl.tasks import get_task
 from rl.tiny_model import TinyModelSpec, build_tiny_model
 from rl.tiny_vl import TinyVisionSpec, build_tiny_vl_model
@@ -111,7 +109,6 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
     """The HF folder the RL stage starts from (the base model if cold start is disabled).
     The same code trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
     base = base_model_path(cfg, cache)
-    check_layers(cfg, num_layers(base))  # a layer beyond the model fails here, not in an actor
     cs = cfg.cold_start
     if not cs.enabled:
         return base
