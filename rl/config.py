@@ -7,7 +7,7 @@ Defaults here are the embedded local-CPU run; each group's YAML under conf/ docu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from rl.tiny_model import TinyModelSpec
 from rl.tiny_vl import TinyVisionSpec
