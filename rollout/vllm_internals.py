@@ -43,14 +43,26 @@ def forget_cached_inputs(llm) -> None:
 
 
 def _retie_embeddings(model) -> None:
-    """Layer-wise reload restores the old lm_head of a tied model (it receives no weight of its
-    own: the checkpoint has none), breaking the tie. Point it at the new embeddings again."""
-    lm_head = getattr(model, "lm_head", None)
-    inner = getattr(model, "model", None)
-    embed = getattr(inner, "embed_tokens", None)
-    config = getattr(model, "config", None)
-    if lm_head is None or embed is None or not getattr(config, "tie_word_embeddings", False):
-        return
-    if lm_head.weight.data_ptr() != embed.weight.data_ptr():
-        with torch.no_grad():
-            lm_head.weight.copy_(embed.weight)
+    """A tied model's lm_head receives no weight of its own (the checkpoint has none), so the
+    layer-wise reload neither updates nor re-processes it. Two things go stale: the tie itself
+    (the reload may restore the old lm_head tensor) and, on CPU, the packed copy of the weight
+    that vLLM's logits GEMM reads (`cpu_linear`, built by `process_weights_after_loading` at
+    start-up). The stale packed copy kept sampling from the *initial* output embeddings: the
+    learner/engine logprob gap grew with every sync (max 0.4 → 2.5 over 6 syncs at lr 1e-2).
+    So: point lm_head at the new embeddings, then let its quant method re-process it (on GPU a
+    no-op for unquantized weights; on CPU it re-packs from the current weight)."""
+    for name, module in list(model.named_modules()):
+        if name != "lm_head" and not name.endswith(".lm_head"):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0])  # the VLM's language_model too
+        embed = getattr(getattr(parent, "model", None), "embed_tokens", None)
+        tied = any(getattr(getattr(m, "config", None), "tie_word_embeddings", False)
+                   for m in (parent, model))
+        if embed is None or not tied:
+            continue
+        if module.weight.data_ptr() != embed.weight.data_ptr():
+            with torch.no_grad():
+                module.weight.copy_(embed.weight)
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None:
+            quant_method.process_weights_after_loading(module)
