@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,9 @@ def main(cfg: DictConfig) -> dict:
     finally:
         trainer.close()
     print_summary(summary, cfg)
+    if summary["stopped_by"]:  # checkpointed and stopped by SIGTERM/SIGINT: 128 + signal, as
+        # a killed process would exit, so a job script can requeue it with resume=true
+        raise SystemExit(128 + signal.Signals[summary["stopped_by"]].value)
     return summary
 
 
@@ -63,6 +67,7 @@ def print_summary(summary: dict, cfg) -> None:
         credit_line(summary),
         *leaf_line(summary),
         *avar_line(summary),
+        *fault_lines(summary),
         f"cold start {summary['cold_start_s']:.0f} s, actors {summary['actors_start_s']:.0f} s, "
         f"RL loop {summary['rl_wall_s']:.0f} s; outputs in {cfg.output_dir}",
     ]
@@ -83,6 +88,17 @@ def avar_line(summary: dict) -> list[str]:
     share = summary.get("vars_share_of_step", float("nan"))
     cost = f"; VARS = {100 * share:.1f}% of step time" if share == share else ""
     return [f"AVAR: VAS (response tokens) {vas0:.2f} → {vas1:.2f}{cost}"]
+
+
+def fault_lines(summary: dict) -> list[str]:
+    lines = []
+    if summary["engine_restarts"] or summary["learner_restarts"]:
+        lines.append(f"survived: {summary['engine_restarts']} rollout-engine restarts, "
+                     f"{summary['learner_restarts']} learner-group restarts from a checkpoint")
+    if summary["stopped_by"]:
+        lines.append(f"stopped by {summary['stopped_by']} after step {summary['steps']} "
+                     "(checkpoint written): continue with resume=true")
+    return lines
 
 
 def credit_line(summary: dict) -> str:

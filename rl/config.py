@@ -191,6 +191,15 @@ class RolloutConfig:
     chunked_prefill: Optional[bool] = None
     max_num_batched_tokens: Optional[int] = None  # tokens per engine step; CPU: max(4096, max_model_len)
     max_num_seqs: Optional[int] = None            # sequences per engine step; None = vLLM's 256
+    tensor_parallel_size: int = 1     # GPUs one engine shards its model over
+    # Placement (rl/placement.py). None = tensor_parallel_size GPUs when the Ray cluster has
+    # GPUs, else 0.
+    num_gpus_per_engine: Optional[float] = None
+    resources_per_engine: Dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    max_restarts: int = 3             # Ray restarts of a dead engine (its prompts are re-issued)
+    # Sharing one GPU with the learner: vLLM sleep mode between generations (GPU only).
+    # 0: never | 1: weights to CPU, KV cache dropped | 2: both dropped (the sync reloads)
+    sleep_level: int = 0
 
 
 @dataclass
@@ -210,6 +219,16 @@ class LearnerConfig:
     stats_layers: str = "middle:5"    # layers whose statistics are captured: all | middle:n
     num_cpus_per_rank: float = 0.5
     torch_threads: int = 1
+    num_gpus_per_rank: Optional[float] = None  # None = 1 when the Ray cluster has GPUs, else 0
+    # How weights reach the engines (rollout/weight_sync.py): safetensors (one blob through the
+    # object store) | buckets (the same, loaded bucket by bucket) | nccl | ipc (GPU only:
+    # rank 0 sends into the engines through vLLM's weight-transfer engines; untested here)
+    weight_transport: str = "safetensors"
+    weight_bucket_mb: int = 256
+    # Sharing one GPU with an engine: optimizer state, fp32 master weights and gradient buffers
+    # wait in CPU memory between updates (DeepSpeed offload_states; the bf16 weights stay)
+    offload_between_updates: bool = False
+    resources_per_rank: Dict[str, float] = field(default_factory=dict)  # custom Ray resources
 
 
 @dataclass
@@ -217,6 +236,10 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None     # None = start a local Ray instance
     num_cpus: Optional[int] = None
+    # Longest wait for one call into the actors (a generation, a minibatch update, a sync): a
+    # dead actor is noticed at once, a silent one after this; then the run recovers or stops.
+    call_timeout_s: float = 900.0
+    placement_timeout_s: float = 120.0  # longest wait for the resources of an actor group
 
 
 @dataclass
@@ -256,6 +279,9 @@ class TrainConfig:
     cache_dir: str = "outputs/cache"
     # Stop (as if killed) after this step; for resume tests. None = run all steps.
     stop_after: Optional[int] = None
+    # Learner-group failures (a dead or hung rank) survived by restarting the group from the
+    # last checkpoint; one more stops the run.
+    max_failures: int = 2
 
 
 def register_configs() -> None:
@@ -276,6 +302,8 @@ VALID_CHOICES = {
     "learner.attention": ("auto", "sdpa", "kernels"),
     "learner.attn_impl": ("auto", "blockwise", "triton", "reference"),
     "learner.plain_attention": ("sdpa", "kernels"),
+    "learner.weight_transport": ("safetensors", "buckets", "nccl", "ipc"),
+    "rollout.sleep_level": (0, 1, 2),
     "teacher.name": ("none", "tiny", "hf"),
     "teacher.placement": ("actors", "colocated"),
     "distill.name": ("none", "kd", "leaf", "leaf_response"),
@@ -289,11 +317,15 @@ VALID_CHOICES = {
     "cluster.name": ("local", "ray"),
 }
 # Settings that must be at least 1 (counts), or above 0 (shares and rates).
-AT_LEAST_ONE = ("rollout.num_engines", "rollout.max_new_tokens", "learner.num_ranks",
-                "learner.micro_batch_size", "learner.torch_threads", "algorithm.prompts_per_step",
+AT_LEAST_ONE = ("rollout.num_engines", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
+                "learner.num_ranks", "learner.micro_batch_size", "learner.torch_threads",
+                "learner.weight_bucket_mb", "algorithm.prompts_per_step",
                 "algorithm.minibatch_size", "eval_every", "save_every")
 ABOVE_ZERO = ("rollout.temperature", "rollout.top_p", "rollout.gpu_memory_utilization",
-              "rollout.num_cpus_per_engine", "learner.num_cpus_per_rank")
+              "rollout.num_cpus_per_engine", "learner.num_cpus_per_rank",
+              "cluster.call_timeout_s", "cluster.placement_timeout_s")
+NOT_NEGATIVE = ("rollout.max_restarts", "max_failures", "rollout.num_gpus_per_engine",
+                "learner.num_gpus_per_rank")
 # Layer selections read by the statistics capture (kernels/capture.py `select_layers`).
 LAYER_KEYS = ("learner.stats_layers", "avar.layers")
 
@@ -343,6 +375,15 @@ def check_sizes(cfg) -> None:
     for key in ABOVE_ZERO:
         if not OmegaConf.select(cfg, key) > 0:
             raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)}: must be > 0")
+    for key in NOT_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            raise ValueError(f"config key {key}={value}: must be >= 0")
+    for key in ("rollout.resources_per_engine", "learner.resources_per_rank"):
+        for name, amount in OmegaConf.select(cfg, key).items():
+            if not amount > 0 or name in ("CPU", "GPU"):
+                raise ValueError(f"config key {key}.{name}={amount}: custom Ray resources must "
+                                 "be > 0 and not CPU/GPU (use num_cpus_*/num_gpus_*)")
     r = cfg.rollout
     if r.top_p > 1 or r.gpu_memory_utilization > 1:
         raise ValueError(f"rollout.top_p={r.top_p} and rollout.gpu_memory_utilization="
@@ -370,7 +411,14 @@ def check_layers(cfg, num_layers: int = 1 << 16) -> None:
             raise ValueError(f"config key {key}: {e}") from None
 
 
+CPU_CHOICE = {"learner.backend": "gloo, or null for the per-device default",
+              "learner.weight_transport": "safetensors or buckets",
+              "rollout.sleep_level": "0; vLLM's sleep mode is GPU only"}
+
+
 def check_cluster(cfg) -> None:
+    from omegaconf import OmegaConf
+
     c = cfg.cluster
     if c.name == "local" and c.address:
         raise ValueError(f"cluster=local starts a private Ray instance, but cluster.address="
@@ -379,12 +427,22 @@ def check_cluster(cfg) -> None:
     if c.name == "ray" and not c.address:
         raise ValueError("cluster=ray joins a running Ray cluster: set cluster.address "
                          "(auto, or ray://host:10001)")
-    if cfg.learner.backend == "nccl" and c.name == "local":
-        import torch
+    gpu_only = {"learner.backend": ("nccl",), "learner.weight_transport": ("nccl", "ipc"),
+                "rollout.sleep_level": (1, 2)}
+    for key, values in gpu_only.items():
+        value = OmegaConf.select(cfg, key)
+        if value in values and c.name == "local":
+            import torch
 
-        if not torch.cuda.is_available():
-            raise ValueError("learner.backend=nccl needs GPUs: this machine has none (use gloo, "
-                             "or null for the per-device default)")
+            if not torch.cuda.is_available():
+                raise ValueError(f"{key}={value} needs GPUs: this machine has none (CPU: "
+                                 f"{CPU_CHOICE[key]})")
+    if cfg.learner.offload_between_updates and cfg.learner.zero_stage not in (1, 2):
+        raise ValueError("learner.offload_between_updates needs learner.zero_stage 1 or 2 "
+                         "(DeepSpeed's offload_states moves ZeRO-3 state only with its FusedAdam)")
+    if cfg.learner.weight_transport == "ipc" and cfg.learner.num_ranks > 1:
+        raise ValueError("learner.weight_transport=ipc needs learner.num_ranks=1 (vLLM's IPC "
+                         "sender gathers over the learner's process group); use nccl")
 
 
 def _agto_or_vars(cfg) -> bool:

@@ -6,7 +6,7 @@ pushes rank 0's gathered weights to the rollout engines through a weight transpo
 """
 from __future__ import annotations
 
-import socket
+import os
 import time
 from dataclasses import replace
 
@@ -14,19 +14,24 @@ import numpy as np
 import ray
 import torch
 
-from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, setup_dist_env
-from rollout.weight_sync import get_transport
+from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig
+from rl.placement import bundle, rank_env, rendezvous_port, reserve, where_am_i
+from rl.remote_calls import LearnerFailure, get_all
+from rollout.weight_sync import WeightTransport, get_transport
 
 
 class LearnerWorker:
     """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 cfg: DSEngineConfig, torch_threads: int):
+    def __init__(self, env: dict[str, str], cfg: DSEngineConfig, torch_threads: int):
         torch.set_num_threads(torch_threads)
-        setup_dist_env(rank, world_size, master_addr, master_port)
-        self.rank = rank
+        os.environ.update(env)  # RANK, LOCAL_RANK, MASTER_ADDR, ...: Ray actors have no launcher
+        self.rank = int(env["RANK"])
         self.engine = DeepSpeedEngine(cfg)
+        self.sender = None  # a collective weight transport, once connected
+
+    def where(self) -> dict:
+        return where_am_i()
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.engine, method)(*args, **kwargs)
@@ -37,17 +42,17 @@ class LearnerWorker:
             raise RuntimeError("no colocated teacher on this learner rank")
         return getattr(self.engine.teacher, method)(*args, **kwargs)
 
-    def weights_payload(self, transport: str):
+    def weights_payload(self, transport: WeightTransport):
         weights = list(self.engine.named_weights())  # all ranks gather (ZeRO-3)
-        return get_transport(transport).pack(weights) if self.rank == 0 else None
+        return transport.pack(weights) if self.rank == 0 else None
 
-
-def node_address() -> tuple[str, int]:
-    """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
-    ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ip, s.getsockname()[1]
+    def push_weights(self, transport: WeightTransport, engines: list, version: int) -> dict:
+        """A collective transport (nccl, ipc): connect once (rank 0 to the engines), then every
+        rank gathers and rank 0 sends. The transport object stays on this rank."""
+        if self.sender is None:
+            self.sender = transport
+            self.sender.connect(engines if self.rank == 0 else [], self.rank)
+        return self.sender.send(self.engine.named_weights(), version)
 
 
 def shard_rows(n: int, parts: int) -> list[np.ndarray]:
@@ -57,26 +62,43 @@ def shard_rows(n: int, parts: int) -> list[np.ndarray]:
 
 
 class LearnerGroup:
+    """`num_ranks` ranks in one placement group (PACK: as few nodes as possible, so the
+    collectives stay on-node where they can). Every call waits at most `call_timeout_s`; a dead
+    or silent rank raises `rl.remote_calls.ActorFailure` (the trainer restarts the group from
+    its last checkpoint)."""
+
     def __init__(self, cfg: DSEngineConfig, num_ranks: int = 1, num_cpus_per_rank: float = 0.5,
-                 torch_threads: int = 2, transport: str = "safetensors"):
-        self.cfg, self.num_ranks, self.transport = cfg, num_ranks, transport
+                 torch_threads: int = 2, transport: WeightTransport | None = None,
+                 num_gpus_per_rank: float = 0.0, resources_per_rank: dict | None = None,
+                 call_timeout_s: float | None = None, placement_timeout_s: float = 120.0):
+        self.cfg, self.num_ranks = cfg, num_ranks
+        self.transport = transport or get_transport("safetensors")
+        self.call_timeout_s = call_timeout_s
         t0 = time.perf_counter()
-        remote = ray.remote(num_cpus=num_cpus_per_rank)(LearnerWorker)
-        addr_fn = ray.remote(num_cpus=0)(node_address)
-        # Rank 0's node is where the rendezvous lives. Locally this is the driver's node.
-        addr, port = ray.get(addr_fn.remote())
-        self.workers = [remote.remote(r, num_ranks, addr, port, cfg, torch_threads)
-                        for r in range(num_ranks)]
-        ray.get([w.call.remote("set_lr", cfg.lr) for w in self.workers])
+        self.placement = reserve("learner", bundle(num_cpus_per_rank, num_gpus_per_rank,
+                                                   resources_per_rank),
+                                 num_ranks, "PACK", placement_timeout_s)
+        port = rendezvous_port(self.placement, placement_timeout_s)
+        envs = rank_env(self.placement.node_ids, self.placement.node_ips, port)
+        self.workers = [ray.remote(LearnerWorker).options(**self.placement.options(r))
+                        .remote(envs[r], cfg, torch_threads) for r in range(num_ranks)]
+        self._all("set_lr", cfg.lr)
         self.start_s = time.perf_counter() - t0
 
     # --- helpers -------------------------------------------------------------------------------
+    def _get(self, futures, what: str) -> list:
+        return get_all(futures, self.call_timeout_s, f"learner {what}", LearnerFailure)
+
     def _all(self, method, *args, **kwargs):
-        return ray.get([w.call.remote(method, *args, **kwargs) for w in self.workers])
+        return self._get([w.call.remote(method, *args, **kwargs) for w in self.workers], method)
 
     def _per_rank(self, method, shards, *args, **kwargs):
-        return ray.get([w.call.remote(method, s, *args, **kwargs)
-                        for w, s in zip(self.workers, shards)])
+        return self._get([w.call.remote(method, s, *args, **kwargs)
+                          for w, s in zip(self.workers, shards)], method)
+
+    def where(self) -> list[dict]:
+        """Each rank's node, GPUs and distributed environment (rank order)."""
+        return self._get([w.where.remote() for w in self.workers], "where")
 
     # --- the TrainEngine contract, over the group ---------------------------------------------
     def _inference_shards(self, tensors):
@@ -149,15 +171,40 @@ class LearnerGroup:
     def set_lr(self, lr: float) -> None:
         self._all("set_lr", lr)
 
-    def sync_weights(self, engines, version: int) -> dict[str, float]:
-        """Gather weights on rank 0, hand one object-store copy to every engine."""
+    def offload(self) -> dict[str, float]:
+        """learner.offload_between_updates: optimizer state to CPU until the next update (the
+        colocated engine generates meanwhile). A no-op otherwise."""
+        if not self.cfg.offload_between_updates:
+            return {}
+        outs = self._all("offload")
+        return {f"colocate/{k}": float(max(o.get(k, 0.0) for o in outs))
+                for k in ("offload_s", "offload_freed_bytes") if any(k in o for o in outs)}
+
+    def gather_weights(self) -> tuple[ray.ObjectRef, dict[str, float]]:
+        """Rank 0's gathered weights as one object-store payload every engine reads (and a
+        restarted engine can read again), with its size and gather time."""
         t0 = time.perf_counter()
-        payloads = ray.get([w.weights_payload.remote(self.transport) for w in self.workers])
-        ref = ray.put(payloads[0])
-        gathered = time.perf_counter() - t0
-        results = ray.get([e.update_weights.remote(ref, version) for e in engines])
-        return {"sync/gather_s": gathered, "sync/total_s": time.perf_counter() - t0,
-                "sync/bytes": float(get_transport(self.transport).payload_bytes(payloads[0])),
+        payloads = self._get([w.weights_payload.remote(self.transport) for w in self.workers],
+                             "weights_payload")
+        return ray.put(payloads[0]), {
+            "sync/gather_s": time.perf_counter() - t0,
+            "sync/bytes": float(self.transport.payload_bytes(payloads[0]))}
+
+    def push_weights(self, engines: list, version: int) -> dict[str, float]:
+        """A collective transport: rank 0 sends straight into the engines (no payload)."""
+        t0 = time.perf_counter()
+        out = self._get([w.push_weights.remote(self.transport, engines, version)
+                         for w in self.workers], "push_weights")[0]
+        return {"sync/push_s": time.perf_counter() - t0, "sync/bytes": out.get("bytes", 0.0)}
+
+    def sync_weights(self, engines: list, version: int) -> dict[str, float]:
+        """Gather, then load into these engine actors (tests, one-off engines; the trainer's
+        RolloutGroup loads the gathered payload itself)."""
+        t0 = time.perf_counter()
+        ref, stats = self.gather_weights()
+        results = self._get([e.update_weights.remote(ref, version) for e in engines],
+                            "engine weight load")
+        return {**stats, "sync/total_s": time.perf_counter() - t0,
                 "sync/engine_load_s": max(r["load_s"] for r in results)}
 
     def save(self, path: str) -> None:
@@ -179,6 +226,7 @@ class LearnerGroup:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        self.placement.release()
 
 
 def grad_accum_steps(minibatch_size: int, num_ranks: int, micro_batch_size: int) -> int:

@@ -4,6 +4,7 @@ Kept apart from the trainer so tests build exactly the pieces the trainer builds
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -14,12 +15,19 @@ import ray
 from rl.config import learner_attention
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup, with_accum
+from rl.placement import check_shared_dirs, cluster_gpus
+from rl.rollout_group import RolloutGroup
+from rl.remote_calls import get_all
 from rollout.vllm_engine import EngineConfig, VLLMEngine
+from rollout.weight_sync import get_transport
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
-# Quiet, offline-friendly defaults for every process Ray starts.
+# Set by Ray's job supervisor in a submitted job's driver (ray/_private/runtime_env/constants.py).
+RAY_JOB_RUNTIME_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Quiet, offline-friendly defaults for every process Ray starts (a submitted job gets them
+# from launch/ray_job.yaml instead).
 ACTOR_ENV = {
     "PYTHONPATH": str(ROOT),
     "TOKENIZERS_PARALLELISM": "false",
@@ -40,7 +48,12 @@ def init_ray(cluster) -> None:
     env = {**ACTOR_ENV}
     if cluster.address:
         log.info("joining the Ray cluster at %s", cluster.address)
-        ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
+        # A driver started by `ray job submit` runs inside the job's runtime env (its uploaded
+        # working_dir, launch/ray_job.yaml's variables), which every actor inherits; Ray refuses
+        # a second one here, and our PYTHONPATH would point other nodes at the head's copy.
+        in_job = RAY_JOB_RUNTIME_ENV in os.environ
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env=None if in_job else {"env_vars": env})
         return
     # Logical CPUs only gate scheduling; actors take fractions, phases alternate in time.
     num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, 4)
@@ -53,11 +66,15 @@ def init_ray(cluster) -> None:
 def stage_session(cfg):
     """For entry points that run one pipeline stage (launch.sft, launch.distill): the config
     checked before anything starts, Ray up for the stage's actors, and down afterwards."""
-    from rl.config import check_config
+    from rl.cold_start import base_model_path
+    from rl.config import check_config, check_layers
+    from rl.scoring_plan import num_layers
 
     check_config(cfg)
+    check_layers(cfg, num_layers(base_model_path(cfg, Path(cfg.cache_dir))))  # before any actor
     init_ray(cfg.cluster)
     try:
+        check_shared_dirs([cfg.output_dir, cfg.cache_dir], cfg.cluster.placement_timeout_s)
         yield
     finally:
         ray.shutdown()
@@ -69,16 +86,37 @@ def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:
         model_path=model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
         enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
         seed=seed, chunked_prefill=r.chunked_prefill,
-        max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs)
+        max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs,
+        tensor_parallel_size=r.tensor_parallel_size, sleep_level=r.sleep_level)
+
+
+def engine_gpus(cfg) -> float:
+    r = cfg.rollout
+    if r.num_gpus_per_engine is not None:
+        return r.num_gpus_per_engine
+    return float(r.tensor_parallel_size) if cluster_gpus() else 0.0
+
+
+def learner_gpus(cfg) -> float:
+    g = cfg.learner.num_gpus_per_rank
+    return g if g is not None else (1.0 if cluster_gpus() else 0.0)
 
 
 def start_engine(cfg, model_path: str, seed: int):
-    remote = ray.remote(num_cpus=cfg.rollout.num_cpus_per_engine)(VLLMEngine)
-    return remote.remote(engine_config(cfg, model_path, seed))
+    """One engine outside the rollout group (warm-start checks, benchmarks)."""
+    r = cfg.rollout
+    remote = ray.remote(num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus(cfg),
+                        resources=dict(r.resources_per_engine) or None)(VLLMEngine)
+    return remote.remote(engine_config(cfg, model_path, seed), "safetensors")
 
 
-def start_engines(cfg, model_path: str) -> list:
-    return [start_engine(cfg, model_path, cfg.seed + i) for i in range(cfg.rollout.num_engines)]
+def start_engines(cfg, model_path: str) -> RolloutGroup:
+    """The rollout group: rollout.num_engines engines in one placement group."""
+    r, c = cfg.rollout, cfg.cluster
+    return RolloutGroup([engine_config(cfg, model_path, cfg.seed + i) for i in range(r.num_engines)],
+                        transport=cfg.learner.weight_transport, num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus(cfg),
+                        resources=dict(r.resources_per_engine), max_restarts=r.max_restarts,
+                        call_timeout_s=c.call_timeout_s, placement_timeout_s=c.placement_timeout_s)
 
 
 def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
@@ -93,7 +131,8 @@ def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
         teacher_model_path=teacher_model_path,
         backend=lc.backend, seed=cfg.seed, attention=learner_attention(cfg), attn_impl=lc.attn_impl,
         plain_attention=lc.plain_attention,
-        stats_layers=lc.stats_layers)
+        stats_layers=lc.stats_layers, collective_timeout_s=cfg.cluster.call_timeout_s,
+        offload_between_updates=lc.offload_between_updates)
     return with_accum(base, minibatch_size, lc.num_ranks)
 
 
@@ -104,8 +143,25 @@ def start_learner(cfg, model_path: str, lr: float, minibatch_size: int,
     return LearnerGroup(learner_config(cfg, model_path, lr, minibatch_size, ref_model_path,
                                        teacher_model_path),
                         num_ranks=lc.num_ranks, num_cpus_per_rank=lc.num_cpus_per_rank,
-                        torch_threads=lc.torch_threads)
+                        torch_threads=lc.torch_threads, num_gpus_per_rank=learner_gpus(cfg),
+                        transport=get_transport(lc.weight_transport,
+                                                bucket_bytes=lc.weight_bucket_mb << 20),
+                        resources_per_rank=dict(lc.resources_per_rank),
+                        call_timeout_s=cfg.cluster.call_timeout_s,
+                        placement_timeout_s=cfg.cluster.placement_timeout_s)
 
 
-def wait_ready(engines) -> list[dict]:
-    return ray.get([e.ready.remote() for e in engines])
+def wait_ready(engines: list, timeout_s: float | None = None) -> list[dict]:
+    return get_all([e.ready.remote() for e in engines], timeout_s, "engine start")
+
+
+def write_placement(path: Path, ranks: list[dict], engines: list[dict]) -> None:
+    """Where every actor runs (node, GPUs, rank environment): `placement.json` in the run
+    folder, and one line each in the log."""
+    path.write_text(json.dumps({"learner_ranks": ranks, "engines": engines}, indent=1))
+    for r in ranks:
+        log.info("learner rank %s: node %s, GPUs %s, LOCAL_RANK %s of %s, MASTER_ADDR %s",
+                 r["rank"], r["node_id"][:8], r["gpu_ids"] or "none", r["local_rank"],
+                 r["local_world_size"], r["master_addr"])
+    for i, e in enumerate(engines):
+        log.info("rollout engine %d: node %s, GPUs %s", i, e["node_id"][:8], e["gpu_ids"] or "none")

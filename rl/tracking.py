@@ -33,10 +33,8 @@ class Tracker:
         self.path = output_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            keep = [r for r in rows if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        else:
+            self.rewind(resume_step)
         self.run = None
         if self.cfg.name == "wandb":
             import wandb
@@ -52,6 +50,15 @@ class Tracker:
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
             run_id_file.write_text(self.run.id)
             log.info("W&B %s run at %s", mode, self.run.dir)
+
+    def rewind(self, step: int) -> None:
+        """Drop metrics.jsonl rows after `step` (a resume, or a recovery from a checkpoint:
+        those steps are about to run again). W&B keeps its rows: it ignores steps logged
+        again below its current one."""
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            keep = [r for r in rows if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -33,7 +32,10 @@ from rl.leaf.detect import records
 from rl.leaf.examples import distractor_labels
 from rl.leaf.online import OnlineLeaf
 from rl.leaf.warm_start import read_report, run_distill
-from rl.runtime import init_ray, start_engines, start_learner, wait_ready
+from rl.placement import check_shared_dirs
+from rl.remote_calls import LearnerFailure
+from rl.runtime import init_ray, start_engines, start_learner, write_placement
+from rl.stop_signal import StopOnSignal
 from rl.scoring_plan import StatsPlan, num_layers
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
@@ -91,6 +93,7 @@ class Trainer:
             # reverse, fails here)
             self.encode(self.task.dataset(split, 1 if n is None else None))
         init_ray(cfg.cluster)
+        check_shared_dirs([self.out, cfg.cache_dir], cfg.cluster.placement_timeout_s)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         cold = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
@@ -101,30 +104,20 @@ class Trainer:
         self.stats_plan = StatsPlan(cfg, self.credit, num_layers(self.policy_init))
 
         leaf_on = cfg.leaf.kl_coef > 0 or cfg.leaf.counterfactual_groups > 0
-        teacher = teacher_path(cfg, Path(cfg.cache_dir), cfg.logger.progress) if leaf_on else None
-        vocab = student_vocab_size(self.policy_init, teacher) if teacher else None
-        colocated = cfg.teacher.placement == "colocated"
+        self.teacher_path = teacher_path(cfg, Path(cfg.cache_dir), cfg.logger.progress) if leaf_on else None
 
         t0 = time.perf_counter()
         self.engines = start_engines(cfg, self.policy_init)
-        ref = self.policy_init if self.alg.kl_coef > 0 else None
-        self.learner = start_learner(cfg, self.policy_init, lr=self.alg.lr,
-                                     minibatch_size=self.alg.minibatch_size, ref_model_path=ref,
-                                     teacher_model_path=teacher if colocated else None)
-        self.teacher = (TeacherGroup(teacher, cfg.teacher, cfg.model.dtype, vocab,
-                                     learner=self.learner if colocated else None)
-                        if teacher else None)
-        self.online_leaf = OnlineLeaf(cfg, self.tok, self.learner, self.teacher) if teacher else None
-        wait_ready(self.engines)
+        self.learner, self.teacher, self.online_leaf = self.start_learner_side()
+        engines_info = self.engines.ready()
         self.timings["actors_start_s"] = time.perf_counter() - t0
+        write_placement(self.out / "placement.json", self.learner.where(), engines_info)
 
         self.step = 0
         self.state: dict = {}
+        self.failures = 0
         if resume_from is not None:
-            self.learner.load(str(resume_from / "ds"))
-            self.state = CheckpointManager.load_state(resume_from)
-            self.step = self.state["step"]
-            self.learner.sync_weights(self.engines, self.step)
+            self.restore(resume_from)
             log.info("resumed from %s (step %d)", resume_from, self.step)
         self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, self.out, run_config,
@@ -133,6 +126,57 @@ class Trainer:
         if report:
             self.log_leaf_table([r for level in ("instruction", "response")
                                  for r in report.get(f"{level}_detections", [])], 0)
+
+    def start_learner_side(self):
+        """The learner group, and what reads through it: the LeaF teacher (inside the learner
+        ranks when colocated) and LeaF-in-RL. Started again after a learner failure."""
+        cfg = self.cfg
+        teacher, colocated = self.teacher_path, cfg.teacher.placement == "colocated"
+        ref = self.policy_init if self.alg.kl_coef > 0 else None
+        learner = start_learner(cfg, self.policy_init, lr=self.alg.lr,
+                                minibatch_size=self.alg.minibatch_size, ref_model_path=ref,
+                                teacher_model_path=teacher if colocated else None)
+        if not teacher:
+            return learner, None, None
+        vocab = student_vocab_size(self.policy_init, teacher)
+        group = TeacherGroup(teacher, cfg.teacher, cfg.model.dtype, vocab,
+                             learner=learner if colocated else None)
+        return learner, group, OnlineLeaf(cfg, self.tok, learner, group)
+
+    def restore(self, ckpt: Path | None) -> None:
+        """Learner state and trainer state from a checkpoint (None: the start of RL), then the
+        engines get the same weights."""
+        if ckpt is not None:
+            self.learner.load(str(ckpt / "ds"))
+            self.state = CheckpointManager.load_state(ckpt)
+        else:
+            self.state = {k: v for k, v in self.state.items() if k == "cold_start_eval"}
+        self.step = self.state.get("step", 0)
+        self.sync_weights(self.step)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        return self.engines.sync_from(self.learner, version)
+
+    def recover_learner(self, err: LearnerFailure) -> None:
+        """A learner rank died or hung: a new group, restored from the last checkpoint (or from
+        the start of RL when none was written yet). The lost steps are re-run exactly."""
+        self.failures += 1
+        if self.failures > self.cfg.max_failures:
+            raise RuntimeError(f"the learner group failed {self.failures} times "
+                               f"(max_failures={self.cfg.max_failures}); last: {err}") from err
+        ckpt = self.ckpts.latest()
+        log.warning("learner failure %d of at most %d at step %d: %s — restarting the group from "
+                    "%s", self.failures, self.cfg.max_failures, self.step + 1, err,
+                    ckpt or "the start of RL")
+        self.shutdown_learner_side()
+        self.learner, self.teacher, self.online_leaf = self.start_learner_side()
+        self.restore(ckpt)
+        self.tracker.rewind(self.step)
+
+    def shutdown_learner_side(self) -> None:
+        if self.teacher is not None:
+            self.teacher.shutdown()
+        self.learner.shutdown()
 
     # --- data -------------------------------------------------------------------------------
     def encode(self, samples):
@@ -143,15 +187,11 @@ class Trainer:
         return prompts
 
     def generate(self, prompts, n: int, temperature: float, seeds=None):
-        """Split prompts over the engines; results come back in prompt order."""
+        """n completions per prompt, in prompt order (rl/rollout_group.py splits them over the
+        engines and survives a dead one)."""
         r = self.cfg.rollout
-        parts = np.array_split(np.arange(len(prompts)), len(self.engines))
-        futures = [
-            e.generate.remote([prompts[i].request for i in idx], n, temperature, r.top_p,
-                              r.max_new_tokens, None if seeds is None else [seeds[i] for i in idx])
-            for e, idx in zip(self.engines, parts) if len(idx)
-        ]
-        return [c for part in ray.get(futures) for c in part]
+        return self.engines.generate([p.request for p in prompts], n, temperature, r.top_p,
+                                     r.max_new_tokens, seeds)
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         rows = [ids[m].tolist() for ids, m in zip(batch.input_ids, batch.response_mask)]
@@ -279,13 +319,15 @@ class Trainer:
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
         batch, kd, leaf_metrics = timed("leaf", self.leaf_terms, batch, step)
+        colocate = self.engines.sleep()  # the step's generation is done: GPU to the learner
         avar_mass = timed("score", self.score, batch)
         vars_metrics = timed("vars", self.visual_reward, batch, avar_mass)
         adv, credit_metrics = self.advantages(batch, step)
         times["time/credit_s"] = credit_metrics.pop("time_s")
         times["time/stats_s"] = self.last_stats_s
         train_metrics = timed("update", self.update, batch, step, kd)
-        sync = timed("sync", self.learner.sync_weights, self.engines, step + 1)
+        sync = timed("sync", self.sync_weights, step + 1)
+        colocate.update(self.learner.offload())  # optimizer state out of the engine's way
         times["time/step_s"] = time.perf_counter() - t_step
         # What attention credit costs: the statistics pass inside the scoring forward plus γ.
         times["time/credit_share"] = (times["time/stats_s"] + times["time/credit_s"]) / times["time/step_s"]
@@ -300,7 +342,7 @@ class Trainer:
         n_tokens = float(mask.sum())
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()
         metrics = {
-            **reward_metrics, **train_metrics, **times, **sync,
+            **reward_metrics, **train_metrics, **times, **sync, **colocate,
             **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics, **vars_metrics,
             "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
             "rollout/response_len": float(batch.response_lengths().float().mean()),
@@ -421,6 +463,26 @@ class Trainer:
         return self.ckpts.save(step, self.state, write)
 
     # --- the loop ------------------------------------------------------------------------------
+    def advance(self, evals: dict, signals: StopOnSignal) -> tuple[dict, dict]:
+        """One RL step, then its evaluation, metrics and checkpoint when due. A learner failure
+        anywhere in here is recovered by the caller from the last checkpoint."""
+        cfg, done = self.cfg, self.step + 1
+        metrics = self.train_step(self.step)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            t0 = time.perf_counter()
+            evals = self.evaluate()
+            self.state["last_eval"] = evals
+            metrics.update({**evals, "time/eval_s": time.perf_counter() - t0})
+            self.log_vas_plot(evals, done)
+        metrics.update({"fault/learner_restarts": float(self.failures),
+                        "fault/engine_restarts": float(self.engines.restarts)})
+        self.tracker.log(metrics, step=done)
+        stopping = (cfg.stop_after is not None and done >= cfg.stop_after) or signals.received
+        if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+            self.save(done)
+        self.step = done
+        return metrics, evals
+
     def run(self) -> dict:
         cfg = self.cfg
         if "cold_start_eval" not in self.state:
@@ -430,35 +492,37 @@ class Trainer:
                               "time/eval_s": time.perf_counter() - t0}, step=0)
             self.log_vas_plot(self.state["cold_start_eval"], 0)
             log.info("held-out accuracy of the cold-start model: %s", self.state["cold_start_eval"])
-        bar = tqdm(range(self.step, cfg.steps), desc="RL", initial=self.step, total=cfg.steps,
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="RL",
                    disable=not cfg.logger.progress, dynamic_ncols=True)
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
-        shares = []  # NaN where the statistics pass cannot be timed apart (fused GPU kernels)
-        leaf_shares, vars_shares = [], []
-        for step in bar:
-            metrics = self.train_step(step)
-            shares.append(metrics["time/credit_share"])
-            leaf_shares.append(metrics["time/leaf_share"])
-            vars_shares.append(metrics["time/vars_share"])
-            done = step + 1
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                t0 = time.perf_counter()
-                evals = self.evaluate()
-                self.state["last_eval"] = evals
-                metrics.update({**evals, "time/eval_s": time.perf_counter() - t0})
-                self.log_vas_plot(evals, done)
-            self.tracker.log(metrics, step=done)
-            bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
-                            acc=f"{metrics['rollout/accuracy']:.2f}",
-                            eval=f"{evals['eval/accuracy']:.2f}")
-            stopping = cfg.stop_after is not None and done >= cfg.stop_after
-            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-                self.save(done)
-            self.step = done
-            if stopping:
-                log.info("stop_after=%d reached; stopping as if interrupted", done)
-                break
+        # per step: credit / LeaF / VARS shares of step time (credit's is NaN where the
+        # statistics pass cannot be timed apart: fused GPU kernels)
+        shares: dict[int, dict] = {}
+        with StopOnSignal() as signals:
+            while self.step < cfg.steps:
+                try:
+                    metrics, evals = self.advance(evals, signals)
+                except LearnerFailure as err:
+                    self.recover_learner(err)
+                    evals = self.state.get("last_eval", self.state["cold_start_eval"])
+                    bar.n = self.step
+                    continue
+                done = self.step
+                shares[done] = {k: metrics[f"time/{k}_share"] for k in ("credit", "leaf", "vars")}
+                bar.update(done - bar.n)
+                bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
+                                acc=f"{metrics['rollout/accuracy']:.2f}",
+                                eval=f"{evals['eval/accuracy']:.2f}")
+                if cfg.stop_after is not None and done >= cfg.stop_after:
+                    log.info("stop_after=%d reached; stopped as if interrupted", done)
+                    break
+                if signals.received:
+                    log.warning("%s: stopped after step %d, checkpoint written; continue with "
+                                "resume=true", signals.received, done)
+                    break
+        bar.close()
+        share_of = {k: [v[k] for v in shares.values()] for k in ("credit", "leaf", "vars")}
         cold = self.state["cold_start_eval"]
         summary = {"cold_start_accuracy": cold["eval/accuracy"],
                    "final_accuracy": evals["eval/accuracy"],
@@ -468,13 +532,15 @@ class Trainer:
                    "credit": self.cfg.credit.name,
                    "policy_init": self.policy_init,  # the cold start, or its distilled student
                    # statistics pass + γ, as a share of step time (mean over this run's steps)
-                   "credit_share_of_step": float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
+                   "credit_share_of_step": float(np.nanmean(share_of["credit"])) if np.isfinite(share_of["credit"]).any() else float("nan"),
                    # LeaF in RL (detection + extra groups), as a share of step time
-                   "leaf_share_of_step": float(np.mean(leaf_shares)) if self.online_leaf and leaf_shares else float("nan"),
+                   "leaf_share_of_step": float(np.mean(share_of["leaf"])) if self.online_leaf and shares else float("nan"),
                    # AVAR: VAS of the greedy held-out responses; VARS as a share of step time
                    "cold_start_vas": cold.get("eval/vas_response", float("nan")),
                    "final_vas": evals.get("eval/vas_response", float("nan")),
-                   "vars_share_of_step": float(np.nanmean(vars_shares)) if self.stats_plan.vars_on and vars_shares else float("nan"),
+                   "vars_share_of_step": float(np.nanmean(share_of["vars"])) if self.stats_plan.vars_on and shares else float("nan"),
+                   "stopped_by": signals.received,  # SIGTERM / SIGINT, or None
+                   "learner_restarts": self.failures, "engine_restarts": self.engines.restarts,
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)
@@ -483,9 +549,5 @@ class Trainer:
     def close(self) -> None:
         self.tracker.finish()
         self.pool.close()
-        if self.teacher is not None:
-            self.teacher.shutdown()
-        self.learner.shutdown()
-        for e in self.engines:
-            ray.kill(e)
-        self.engines = []
+        self.shutdown_learner_side()
+        self.engines.shutdown()

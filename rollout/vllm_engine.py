@@ -10,6 +10,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from rollout.vllm_weight_transfer import CollectiveReceiver
+
 
 @dataclass
 class EngineConfig:
@@ -23,6 +25,13 @@ class EngineConfig:
     chunked_prefill: bool | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    # GPUs one engine shards its model over. 1: the engine core runs in the actor's process;
+    # more: vLLM's multiprocessing executor, one worker process per GPU (GPU only, untested here).
+    tensor_parallel_size: int = 1
+    # Colocated with the learner on one GPU: between generations the engine sleeps (vLLM sleep
+    # mode, GPU only). 1: weights to CPU, KV cache dropped; 2: both dropped (the next weight
+    # sync brings the weights). 0: never.
+    sleep_level: int = 0
 
 
 # vLLM's own default token budget per engine step on CPU (and its floor on GPU).
@@ -97,6 +106,10 @@ def engine_prompt(prompt):
                         multi_modal_data={"image": images[0] if len(images) == 1 else images})
 
 
+class StaleWeights(RuntimeError):
+    """The engine's weights are not the version the caller asked for."""
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
@@ -104,7 +117,10 @@ class Completion:
     finish_reason: str
 
 
-class VLLMEngine:
+class VLLMEngine(CollectiveReceiver):
+    """`transport`: the weight transport's name (rollout/weight_sync.py); payload transports
+    arrive through `update_weights`, collective ones through CollectiveReceiver's methods."""
+
     def __init__(self, cfg: EngineConfig, transport: str = "safetensors"):
         # Built here, not at import: vLLM may spawn processes (ENVIRONMENT.md trap 4).
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -112,12 +128,14 @@ class VLLMEngine:
         # default spawns an engine-core process that spawns a worker, each re-importing torch
         # and vLLM: 20 s of start-up for the tiny model vs 2.8 s in-process, generation 25%
         # slower through the extra IPC hop (same seeded samples), and subprocesses that could
-        # outlive a killed actor. A multi-device engine (tensor parallel) would need them.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # outlive a killed actor. A tensor-parallel engine needs them: one worker per GPU.
+        in_process = cfg.tensor_parallel_size == 1
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         import torch
         from vllm import LLM
 
         from rollout.vllm_internals import WORKER_EXTENSION
+        from rollout.weight_sync import get_transport
 
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -134,8 +152,11 @@ class VLLMEngine:
             seed=cfg.seed,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
-            distributed_executor_backend="uni",
+            distributed_executor_backend="uni" if in_process else "mp",
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enable_sleep_mode=cfg.sleep_level > 0,
             **scheduling_args(cfg, on_gpu=torch.cuda.is_available()),
+            **get_transport(transport).engine_llm_kwargs(),
             **mm,
         )
         # Sampling may use every token but a VLM's placeholders (None: no restriction).
@@ -143,10 +164,18 @@ class VLLMEngine:
         self.allowed_ids = ([t for t in range(vocab) if t not in set(placeholders)]
                             if placeholders else None)
         self.weight_version = 0
+        self.asleep = 0  # the level it sleeps at (0: awake)
         self.start_s = time.perf_counter() - t0
 
     def ready(self) -> dict:
-        return {"start_s": self.start_s, "pid": os.getpid()}
+        """Start time and where this engine runs (its node and the GPUs Ray gave it)."""
+        import ray
+
+        return {"start_s": self.start_s, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "weight_version": self.weight_version}
 
     def generate(
         self,
@@ -156,10 +185,18 @@ class VLLMEngine:
         top_p: float,
         max_tokens: int,
         seeds: list[int] | None = None,
+        version: int | None = None,
     ) -> list[list[Completion]]:
         """n completions per prompt (token ids, or `engine_prompt`'s dict with images); a
-        per-prompt seed makes sampling reproducible (resume)."""
+        per-prompt seed makes sampling reproducible (resume). `version`: the policy version
+        the caller expects to sample from; an engine holding other weights (e.g. restarted
+        by Ray from its initial checkpoint) refuses rather than sample with them."""
         from vllm import SamplingParams
+
+        if version is not None and version != self.weight_version:
+            raise StaleWeights(f"engine holds weights v{self.weight_version}, asked to sample "
+                               f"with v{version}")
+        self.wake()
 
         params = [
             SamplingParams(
@@ -187,16 +224,41 @@ class VLLMEngine:
         logprobs are over the expanded ids (each image pad repeated per image token)."""
         from vllm import SamplingParams
 
+        self.wake()
         sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([engine_prompt(s) for s in sequences], sp, use_tqdm=False)
         return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
                 for o in outs]
 
+    def sleep(self) -> dict:
+        """Give the GPU to the learner until the next weight sync or generation (no-op at
+        sleep_level 0)."""
+        if not self.cfg.sleep_level or self.asleep:
+            return {}
+        t0 = time.perf_counter()
+        self.llm.sleep(level=self.cfg.sleep_level)
+        self.asleep = self.cfg.sleep_level
+        return {"sleep_s": time.perf_counter() - t0}
+
+    def wake(self) -> None:
+        """Back on the GPU before sampling. At level 2 the weights were dropped: only a weight
+        sync (`update_weights`) wakes it."""
+        if self.asleep == 2:
+            raise RuntimeError("engine slept at level 2 (weights dropped): sync weights first")
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = 0
+
     def update_weights(self, payload, version: int) -> dict:
         from rollout.vllm_internals import forget_cached_inputs
 
+        if self.asleep:  # room for the weights first, the KV cache once they are loaded
+            self.llm.wake_up(tags=["weights"])
         results = self.llm.collective_rpc("receive_weights", args=(self.transport, payload))
         forget_cached_inputs(self.llm)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = 0
         self.weight_version = version
         return {"version": version, "load_s": max(r["load_s"] for r in results)}
 

@@ -31,6 +31,18 @@ class WeightReceiver:
         _retie_embeddings(self.model_runner.get_model())
         return {"load_s": time.perf_counter() - t0}
 
+    def retie_after_weight_transfer(self) -> dict:
+        """After vLLM's own weight-transfer engines (nccl/ipc transports) finish an update.
+
+        They load through the same layerwise reload as `reload_weights`, so a tied lm_head goes
+        stale the same way; and their `finish_weight_update` does not clear the worker's
+        encoder and multimodal caches, which `reload_weights` does."""
+        t0 = time.perf_counter()
+        _retie_embeddings(self.model_runner.get_model())
+        for reset in ("reset_encoder_cache", "reset_mm_cache"):
+            getattr(self.model_runner, reset, lambda: None)()
+        return {"load_s": time.perf_counter() - t0}
+
 
 def forget_cached_inputs(llm) -> None:
     """After new weights: cached KV of earlier prompts, and for a vision-language model the

@@ -9,8 +9,10 @@ micro-batches the minibatch was split into.
 from __future__ import annotations
 
 import logging
-import os
+from datetime import timedelta
+from types import SimpleNamespace
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,13 @@ class DSEngineConfig:
     # unselected layers) — "sdpa" (faster on CPU) or "kernels" (ours, stats off)
     plain_attention: str = "sdpa"
     stats_layers: str = "middle:5"
+    # How long a collective may wait for a peer before this rank errors out (a dead peer is
+    # normally noticed by the driver first; this bounds a rank left waiting).
+    collective_timeout_s: float = 1800.0
+    # Colocated with a vLLM engine on one GPU: between updates the optimizer states, fp32
+    # master weights and gradient buffers wait in CPU memory (the bf16 weights stay, so scoring
+    # forwards still run); the next optimizer step brings them back.
+    offload_between_updates: bool = False
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
@@ -82,7 +91,8 @@ class DeepSpeedEngine(TrainEngine):
         backend = cfg.backend or ("nccl" if on_gpu else "gloo")
         if not on_gpu:
             skip_cpu_shm_op()
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend,
+                                   timeout=timedelta(seconds=cfg.collective_timeout_s))
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         torch.manual_seed(cfg.seed)
@@ -109,10 +119,14 @@ class DeepSpeedEngine(TrainEngine):
             "fp16": {"enabled": cfg.dtype == "float16"},
             "steps_per_print": 10**9,
         }
+        # Ray shows a rank only its own GPU, so its device is cuda:0 whatever its LOCAL_RANK
+        # (DeepSpeed would otherwise pick device LOCAL_RANK).
+        args = SimpleNamespace(device_rank=0) if on_gpu else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config)
+            args=args, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
         self.device = self.engine.device
+        self.offloaded = False
         self.ref = None
         if cfg.ref_model_path:
             self.ref = load_model(cfg.ref_model_path, dtype)
@@ -196,6 +210,7 @@ class DeepSpeedEngine(TrainEngine):
         self.engine.backward(logits.sum() * 0.0)
 
     def train_minibatch(self, micro_batches, loss, loss_cfg, normaliser, temperature=1.0):
+        self.reload()
         if len(micro_batches) != self.cfg.grad_accum_steps:
             raise ValueError(f"expected {self.cfg.grad_accum_steps} micro-batches, "
                              f"got {len(micro_batches)}")
@@ -361,7 +376,33 @@ class DeepSpeedEngine(TrainEngine):
                 shutil.copy(src, out / name)
 
     def save(self, path: str) -> None:
+        self.reload()
         self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+
+    # --- colocation: learner state out of the way while the engine generates ------------------
+    OFFLOADED = ("optim_states", "hp_params", "contiguous_grad_buffer", "lp_grads")
+
+    def offload(self) -> dict[str, float]:
+        """With offload_between_updates: optimizer states, fp32 master weights and gradient
+        buffers to CPU (DeepSpeed's offload_states); the bf16 weights stay for forwards.
+        Returns the seconds taken and the device memory freed (0 on CPU)."""
+        if not self.cfg.offload_between_updates or self.offloaded:
+            return {}
+        from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+
+        t0, before = time.perf_counter(), _device_bytes()
+        self.engine.offload_states(include=[OffloadStateTypeEnum(s) for s in self.OFFLOADED],
+                                   device=OffloadDeviceEnum.cpu,
+                                   pin_memory=torch.cuda.is_available())
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.offloaded = True
+        return {"offload_s": time.perf_counter() - t0, "offload_freed_bytes": before - _device_bytes()}
+
+    def reload(self) -> None:
+        if self.offloaded:
+            self.engine.reload_states()
+            self.offloaded = False
 
     def load(self, path: str) -> None:
         load_path, _ = self.engine.load_checkpoint(
@@ -375,12 +416,17 @@ class DeepSpeedEngine(TrainEngine):
 
     def optimizer_state_digest(self) -> float:
         """Σ|exp_avg| over this rank's optimizer state: lets tests see it was restored."""
+        self.reload()
         total = 0.0
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
         for st in opt.state.values():
             if "exp_avg" in st:
                 total += st["exp_avg"].abs().sum().item()
         return total
+
+
+def _device_bytes() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
 
 def skip_cpu_shm_op() -> None:
@@ -396,10 +442,3 @@ def skip_cpu_shm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def setup_dist_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-    """The environment torch.distributed reads; Ray actors are not started by a launcher."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
-                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": master_addr,
-                       "MASTER_PORT": str(master_port)})

@@ -5,7 +5,11 @@ reward includes a length bonus, so every step has non-zero advantages: equal los
 mean something. Cold starts are cached across these tests.
 """
 import json
+import logging
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from omegaconf import open_dict
 from rl.config import register_configs
 from tests.e2e.wandb_records import history, run_tags
 from tests.e2e.arith_rows import write_rows
+from rl.stop_signal import StopOnSignal
 from rl.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -215,14 +220,28 @@ def test_wandb_offline_run_holds_the_per_step_metrics(uninterrupted):
         assert row["samples/_type"] == "table-file"  # the sample table
 
 
-def test_resume_is_exact_across_an_epoch_boundary(uninterrupted, tmp_path_factory, dataset,
-                                                  cache_dir):
+def test_sigterm_checkpoints_and_resume_is_exact_across_an_epoch_boundary(
+        uninterrupted, tmp_path_factory, dataset, cache_dir, monkeypatch):
+    """SIGTERM during step 2 (a real signal to this process): step 2 finishes, a checkpoint is
+    written, the run stops; resume=true replays step 3 (the first of epoch 2) exactly."""
     full, _ = uninterrupted
     out = tmp_path_factory.mktemp("run_b")
-    _, digest_at_stop = run(make_cfg(out, cache_dir, dataset, ["stop_after=2"]),
-                            inspect=lambda t: t.learner.optimizer_state_digest())
+    rollout = Trainer.rollout
+
+    def rollout_then_sigterm(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rollout(self, step)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "rollout", rollout_then_sigterm)
+        summary, digest_at_stop = run(make_cfg(out, cache_dir, dataset),
+                                      inspect=lambda t: t.learner.optimizer_state_digest())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2
     assert sorted(metrics(out)) == [0, 1, 2]
-    assert (out / "checkpoints" / "step_000002").exists()
+    assert (out / "checkpoints" / "step_000002").exists()  # save_every=10: written for the stop
+    handler = signal.getsignal(signal.SIGTERM)  # the trainer's handler was removed again
+    assert not isinstance(getattr(handler, "__self__", None), StopOnSignal)
 
     resumed = make_cfg(out, cache_dir, dataset, ["resume=true"])
     trainer = Trainer(resumed)
@@ -238,6 +257,56 @@ def test_resume_is_exact_across_an_epoch_boundary(uninterrupted, tmp_path_factor
     for key in ("train/loss", "reward/total", "train/grad_norm", "rollout/response_len"):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-5, abs=1e-7), key
     assert b[3]["train/grad_norm"] > 0
+
+
+def stop_then_kill(pid: int, after_s: float = 1.0) -> None:
+    """Freeze the process now and SIGKILL it a moment later, so the call the trainer sends
+    next is in flight when the process dies: a real death, at a known point of the step."""
+    os.kill(pid, signal.SIGSTOP)
+    threading.Timer(after_s, os.kill, (pid, signal.SIGKILL)).start()
+
+
+def test_run_survives_a_killed_engine_and_a_killed_learner_rank(
+        uninterrupted, tmp_path_factory, dataset, cache_dir, monkeypatch, caplog):
+    """The engine's process is killed as step 2's rollout is sent, the learner rank's as step
+    3's update is: the engine is restarted by Ray, reloaded and its prompts re-issued (step 2
+    complete, every prompt with its n samples); the learner group is restarted from step 2's
+    checkpoint by itself and step 3 re-run. Every step equals the uninterrupted run's."""
+    full, _ = uninterrupted
+    out = tmp_path_factory.mktemp("run_faults")
+    rollout, update = Trainer.rollout, Trainer.update
+    batches = {}
+
+    def rollout_with_engine_kill(self, step):
+        if step == 1 and self.engines.restarts == 0:
+            stop_then_kill(self.engines.ready()[0]["pid"])
+        batches[step + 1] = batch = rollout(self, step)
+        return batch
+
+    def update_with_rank_kill(self, batch, step, kd=None):
+        if step == 2 and self.failures == 0:
+            stop_then_kill(self.learner.where()[0]["pid"])
+        return update(self, batch, step, kd)
+
+    caplog.set_level(logging.WARNING)
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "rollout", rollout_with_engine_kill)
+        mp.setattr(Trainer, "update", update_with_rank_kill)
+        summary, _ = run(make_cfg(out, cache_dir, dataset, ["save_every=2"]))
+    assert summary["steps"] == 3
+    assert summary["engine_restarts"] == 1 and summary["learner_restarts"] == 1
+    groups = batches[2].group_ids.tolist()
+    assert len(groups) == 2 * 4 and all(groups.count(g) == 4 for g in set(groups))
+    logged = caplog.text
+    assert "rollout engine 0 failed" in logged and "its 2 prompts re-issued" in logged
+    assert "learner failure 1 of at most 2 at step 3" in logged and "step_000002" in logged
+    a, b = metrics(full), metrics(out)
+    assert sorted(b) == [0, 1, 2, 3]
+    assert b[2]["fault/engine_restarts"] == 1 and b[3]["fault/learner_restarts"] == 1
+    for step in (1, 2, 3):
+        for key in ("train/loss", "reward/total", "train/grad_norm", "rollout/response_len"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+        assert b[step]["rollout/logprob_gap"] < 1e-3  # the restarted engine got the weights
 
 
 def local_heads_by_definition(attn_stats: dict, resp: torch.Tensor, quantile: float) -> set[int]:

@@ -187,20 +187,34 @@ def test_avar_picks_the_kernels_when_it_reads_attention(overrides, attention):
     (["learner.stats_layers=middle:0"], r"learner.stats_layers: layers must be"),
     (["learner.stats_layers=first"], r"learner.stats_layers: layers must be"),
     (["avar.layers=middle:x"], r"avar.layers: layers must be"),
+    (["rollout.tensor_parallel_size=0"], r"rollout.tensor_parallel_size=0: must be >= 1"),
+    (["rollout.max_restarts=-1"], r"rollout.max_restarts=-1: must be >= 0"),
+    (["max_failures=-1"], r"max_failures=-1: must be >= 0"),
+    (["learner.num_gpus_per_rank=-1"], r"learner.num_gpus_per_rank=-1.0: must be >= 0"),
+    (["cluster.call_timeout_s=0"], r"cluster.call_timeout_s=0.0: must be > 0"),
+    (["+learner.resources_per_rank.node_b=0"], r"learner.resources_per_rank.node_b=0.0"),
+    (["+rollout.resources_per_engine.GPU=1"], r"not CPU/GPU"),
+    (["learner.weight_transport=rdma"], r"learner.weight_transport='rdma'"),
+    (["learner.weight_bucket_mb=0"], r"learner.weight_bucket_mb=0: must be >= 1"),
+    (["rollout.sleep_level=3"], r"rollout.sleep_level=3: must be one of \(0, 1, 2\)"),
+    (["learner.offload_between_updates=true", "learner.zero_stage=3"],
+     r"offload_between_updates needs learner.zero_stage 1 or 2"),
 ])
 def test_sizes_choices_and_cluster_fail_before_any_actor_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         check_config(load(overrides))
 
 
-def test_nccl_needs_a_gpu_here():
+@pytest.mark.parametrize("override", ["learner.backend=nccl", "learner.weight_transport=nccl",
+                                      "learner.weight_transport=ipc", "rollout.sleep_level=1"])
+def test_gpu_only_choices_need_a_gpu_here(override):
     import torch
 
-    if torch.cuda.is_available():  # the lent GPU machine: nccl is a valid choice there
-        check_config(load(["learner.backend=nccl"]))
+    if torch.cuda.is_available():  # the lent GPU machine: a valid choice there
+        check_config(load([override]))
     else:
-        with pytest.raises(ValueError, match="learner.backend=nccl needs GPUs"):
-            check_config(load(["learner.backend=nccl"]))
+        with pytest.raises(ValueError, match=f"{override} needs GPUs"):
+            check_config(load([override]))
 
 
 @pytest.mark.parametrize("value, want", [("all", [0, 1, 2, 3]), ("middle:1", [1]), ("3", [3]),
@@ -220,3 +234,17 @@ def test_layer_selections_accept_indices_and_check_the_range(value, want):
 
 def test_steps_zero_and_keep_all_are_valid():
     check_config(load(["steps=0", "keep_last=0"]))
+
+
+def test_stage_entry_points_check_the_layer_range_before_ray(tmp_path):
+    """launch.sft / launch.distill (stage_session): a layer beyond the model fails before Ray
+    starts, as it does for launch.train."""
+    import ray
+
+    from rl.runtime import stage_session
+
+    cfg = load([f"cache_dir={tmp_path}", f"output_dir={tmp_path}/out", "avar.layers='7'"])
+    with pytest.raises(ValueError, match=r"avar.layers: layer indices \[7\] out of range for 4 layers"):
+        with stage_session(cfg):
+            pass
+    assert not ray.is_initialized()

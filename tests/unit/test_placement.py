@@ -1,0 +1,46 @@
+"""Placement helpers without a cluster: the ranks' distributed environment from where their
+bundles landed (hand-worked cases), and resource bundles."""
+import signal
+import os
+
+import pytest
+
+from rl.placement import actor_resources, bundle, rank_env
+from rl.stop_signal import StopOnSignal
+
+
+def test_rank_env_on_two_nodes_interleaved():
+    # bundles landed on nodes B, A, B, B (PACK may interleave): LOCAL_RANK counts this
+    # node's earlier ranks; MASTER_ADDR is rank 0's node whatever the others are
+    envs = rank_env(["B", "A", "B", "B"], ["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.2"], 29500)
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "0", "1", "2"]
+    assert [e["LOCAL_WORLD_SIZE"] for e in envs] == ["3", "1", "3", "3"]
+    assert {e["WORLD_SIZE"] for e in envs} == {"4"}
+    assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.2"}
+    assert {e["MASTER_PORT"] for e in envs} == {"29500"}
+
+
+def test_rank_env_single_node():
+    envs = rank_env(["n"], ["127.0.0.1"], 1234)
+    assert envs == [{"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}]
+
+
+def test_bundles_drop_zero_entries_and_options_ask_for_exactly_the_bundle():
+    assert bundle(0.5, 0.0) == {"CPU": 0.5}
+    b = bundle(1, 2, {"node_b": 0.5})
+    assert b == {"CPU": 1.0, "GPU": 2.0, "node_b": 0.5}
+    assert actor_resources(b) == {"num_cpus": 1.0, "num_gpus": 2.0, "resources": {"node_b": 0.5}}
+    assert actor_resources(bundle(0.5, 0)) == {"num_cpus": 0.5, "num_gpus": 0}
+
+
+def test_first_signal_asks_to_stop_second_stops_at_once():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (main) thread
+        assert stop.received == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
