@@ -1,0 +1,262 @@
+"""One RL step, ours against TRL's GRPOTrainer on the same work, and our rollout stage against
+the same vLLM engine called directly — in one invocation, one after another, alone.
+
+    python benchmarks/bench_step.py                 # defaults: the README's default run
+    python benchmarks/bench_step.py --steps 5 --warmup 2 --skip-trl
+
+Same work on both sides: the cold-start checkpoint of the default config (built or reused from
+cache_dir), the same prompts in the same order (the task's training stream), group size,
+prompts per step, minibatch (so the same number of optimizer steps per generation batch), max
+new tokens, temperature 1, top-p 1, no top-k, no KL, learning rate, clip 0.2/0.28, token-mean
+loss. TRL generates with `transformers.generate` in its own process (its default without a
+vLLM server), which is what a user runs locally. TRL is a benchmark-only dependency
+(`pip install -e ".[bench]"`); the product never imports it.
+
+Reported per stage, for the steady-state steps (after --warmup): seconds (median), and tokens/s
+the way NeMo-RL reports it (tokens ÷ stage time; generation: response tokens, the rest: prompt +
+response tokens), then the ratios ours / TRL (< 1: we are faster) and ours / standalone vLLM.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+STAGES = ("rollout", "reward", "score", "update", "sync")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rl.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --- ours ----------------------------------------------------------------------------------------
+def run_ours(cfg, warmup: int, steps: int) -> dict:
+    """Our trainer's step, `warmup + steps` times (no eval, no checkpoint in between)."""
+    from rl.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        rows = []
+        for step in range(warmup + steps):
+            m = trainer.train_step(step)
+            rows.append(m)
+        measured = rows[warmup:]
+        prompts = [trainer.encode(trainer_samples(trainer, s)) for s in range(warmup + steps)]
+        out = {f"{s}_s": median([m[f"time/{s}_s"] for m in measured]) for s in STAGES}
+        out["step_s"] = median([m["time/step_s"] for m in measured])
+        out["response_tokens"] = median([m["rollout/response_len"] for m in measured]) * \
+            cfg.algorithm.prompts_per_step * cfg.algorithm.n_samples
+        out["total_tokens"] = out["response_tokens"] + cfg.algorithm.n_samples * median(
+            [float(sum(len(p.ids) for p in ps)) for ps in prompts[warmup:]])
+        out["policy"] = trainer.policy_init
+        out["prompts"] = prompts
+        out["seeds"] = [[seed_of(cfg, s, i) for i in range(len(prompts[s]))]
+                        for s in range(warmup + steps)]
+        return out
+    finally:
+        trainer.close()
+        import ray
+
+        ray.shutdown()
+
+
+def trainer_samples(trainer, step: int):
+    from rl.data import train_samples_at
+
+    n = trainer.alg.prompts_per_step
+    return train_samples_at(trainer.task, step * n, n)
+
+
+def seed_of(cfg, step: int, i: int) -> int:
+    from rl.tasks.base import stable_hash
+
+    return stable_hash("sample", cfg.seed, step, i) % 2**31  # as Trainer.rollout
+
+
+# --- the same vLLM engine, called directly --------------------------------------------------------
+def run_standalone_vllm(cfg, policy: str, prompts: list, seeds: list, warmup: int) -> float:
+    """vllm.LLM.generate on each step's prompts, in this process (no Ray, no actor), built
+    with our engine's arguments (rollout/vllm_engine.py), with the same sampling parameters
+    and per-prompt seeds. Median seconds per step after warm-up."""
+    from vllm import SamplingParams
+
+    from rl.runtime import engine_config
+    from rollout.vllm_engine import VLLMEngine, engine_prompt
+
+    engine = VLLMEngine(engine_config(cfg, policy, cfg.seed))
+    r, a = cfg.rollout, cfg.algorithm
+    times = []
+    for ps, ss in zip(prompts, seeds):
+        params = [SamplingParams(n=a.n_samples, temperature=r.temperature, top_p=r.top_p,
+                                 max_tokens=r.max_new_tokens, logprobs=0, seed=s) for s in ss]
+        t0 = time.perf_counter()
+        engine.llm.generate([engine_prompt(p.request) for p in ps], params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    del engine
+    return median(times[warmup:])
+
+
+# --- TRL -----------------------------------------------------------------------------------------
+def run_trl(cfg, policy: str, prompts: list, warmup: int, steps: int, threads: int) -> dict:
+    """TRL's GRPOTrainer on the same prompts (one generation batch = one of our steps: the
+    step's prompts × n samples, split into the same number of optimizer steps)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.verifiers import resolve
+
+    torch.set_num_threads(threads)
+    a, r = cfg.algorithm, cfg.rollout
+    tok = AutoTokenizer.from_pretrained(policy)
+    rows = [{"prompt": tok.decode(p.ids), "answer": p.sample.answer, "task": p.sample.task,
+             "meta": p.sample.meta} for ps in prompts for p in ps]
+    verifiers = {t: resolve(t) for t in {x["task"] for x in rows}}
+
+    def correct(completions, answer, task, meta, **_):
+        return [float(verifiers[t](c, ans, m)) for c, ans, t, m in zip(completions, answer, task, meta)]
+
+    batch = a.prompts_per_step * a.n_samples
+    per_opt_step = a.minibatch_size
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, use_cpu=True, bf16=False, report_to=[], logging_steps=10**6,
+            save_strategy="no", seed=cfg.seed, shuffle_dataset=False,
+            per_device_train_batch_size=per_opt_step, gradient_accumulation_steps=1,
+            steps_per_generation=batch // per_opt_step, num_generations=a.n_samples,
+            num_iterations=1, max_completion_length=r.max_new_tokens,
+            max_steps=(warmup + steps) * (batch // per_opt_step), temperature=r.temperature,
+            top_p=r.top_p, top_k=0, beta=0.0, epsilon=a.clip_low, epsilon_high=a.clip_high,
+            loss_type="dapo", learning_rate=a.lr, lr_scheduler_type="constant",
+            max_grad_norm=a.grad_clip, dataloader_num_workers=0, disable_tqdm=True)
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+        trainer = GRPOTrainer(model=model, reward_funcs=correct, args=args,
+                              train_dataset=Dataset.from_list(rows), processing_class=tok)
+        log = Timings()
+        log.wrap(trainer, "_generate", "generate")
+        log.wrap(trainer, "_calculate_rewards", "reward")
+        log.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
+        log.wrap(trainer, "training_step", "training_step")
+        trainer.train()
+    k = batch // per_opt_step
+    gens = log.calls["generate"][warmup:]
+    rewards = log.calls["reward"][warmup:]
+    gs = log.calls["generate_and_score"][warmup:]
+    ts = log.calls["training_step"][warmup * k:]
+    step_s = [sum(ts[i * k:(i + 1) * k]) for i in range(len(ts) // k)]
+    return {"rollout_s": median(gens), "reward_s": median(rewards),
+            "score_s": median([x - g - rw for x, g, rw in zip(gs, gens, rewards)]),
+            "update_s": median([s - x for s, x in zip(step_s, gs)]), "sync_s": 0.0,
+            "step_s": median(step_s), "threads": threads}
+
+
+class Timings:
+    """Wall time of every call to some methods of one object (TRL's stages)."""
+
+    def __init__(self):
+        self.calls: dict[str, list[float]] = {}
+
+    def wrap(self, obj, method: str, name: str) -> None:
+        inner = getattr(obj, method)
+        self.calls[name] = []
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.calls[name].append(time.perf_counter() - t0)
+
+        setattr(obj, method, timed)
+
+
+# --- report --------------------------------------------------------------------------------------
+def report(ours: dict, trl: dict | None, standalone: float | None, cfg, args) -> str:
+    a = cfg.algorithm
+    resp, total = ours["response_tokens"], ours["total_tokens"]
+    tokens = {"rollout": resp, "reward": resp, "score": total, "update": total * a.epochs,
+              "sync": None, "step": total}
+    lines = [f"work per step: {a.prompts_per_step} prompts × {a.n_samples} samples, "
+             f"{resp:.0f} response tokens ({resp / (a.prompts_per_step * a.n_samples):.1f} "
+             f"per response), {total:.0f} prompt + response tokens, "
+             f"{a.prompts_per_step * a.n_samples // a.minibatch_size * a.epochs} optimizer steps; "
+             f"median of {args.steps} steps after {args.warmup} warm-up",
+             "", f"{'stage':<10}{'ours s':>10}{'ours tok/s':>13}"
+             + (f"{'TRL s':>10}{'TRL tok/s':>12}{'ours/TRL':>10}" if trl else "")]
+    for s in (*STAGES, "step"):
+        o = ours[f"{s}_s"]
+        n = tokens[s]
+        row = f"{s:<10}{o:>10.3f}{(n / o if n and o else float('nan')):>13,.0f}"
+        if trl:
+            t = trl[f"{s}_s"]
+            row += (f"{t:>10.3f}{(n / t if n and t else float('nan')):>12,.0f}"
+                    f"{(o / t if t else float('nan')):>10.2f}")
+        lines.append(row)
+    if trl:
+        lines.append(f"TRL: transformers.generate in-process, torch threads {trl['threads']}; its "
+                     "'score' = the old-logprob forward inside _generate_and_score_completions, "
+                     "'update' = the optimizer steps; no weight sync (one process)")
+    if standalone is not None:
+        lines += ["", f"rollout: ours {ours['rollout_s']:.3f} s vs the same vLLM engine called "
+                      f"directly {standalone:.3f} s → ours at {standalone / ours['rollout_s']:.2f}× "
+                      "its throughput"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--trl-threads", type=int, default=None,
+                    help="torch threads for TRL (default: torch's own, the cores)")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both sides")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose(["logger=none", "logger.progress=false", f"output_dir={tmp}/ours",
+                       *args.overrides])
+        t0 = time.perf_counter()
+        ours = run_ours(cfg, args.warmup, args.steps)
+        print(f"ours: {time.perf_counter() - t0:.0f} s in all", flush=True)
+        standalone = None
+        if not args.skip_vllm:
+            standalone = run_standalone_vllm(cfg, ours["policy"], ours["prompts"], ours["seeds"],
+                                             args.warmup)
+        trl = None
+        if not args.skip_trl:
+            import torch
+
+            t0 = time.perf_counter()
+            trl = run_trl(cfg, ours["policy"], ours["prompts"], args.warmup, args.steps,
+                          args.trl_threads or torch.get_num_threads())
+            print(f"TRL: {time.perf_counter() - t0:.0f} s in all", flush=True)
+    print()
+    print(report(ours, trl, standalone, cfg, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
