@@ -168,10 +168,13 @@ class Trainer:
         log.warning("learner failure %d of at most %d at step %d: %s — restarting the group from "
                     "%s", self.failures, self.cfg.max_failures, self.step + 1, err,
                     ckpt or "the start of RL")
+        t0 = time.perf_counter()
         self.shutdown_learner_side()
         self.learner, self.teacher, self.online_leaf = self.start_learner_side()
         self.restore(ckpt)
         self.tracker.rewind(self.step)
+        log.warning("learner group restarted, step %d restored and engines re-synced in %.1f s",
+                    self.step, time.perf_counter() - t0)
 
     def shutdown_learner_side(self) -> None:
         if self.teacher is not None:
