@@ -23,8 +23,8 @@ from rollout.weight_sync import WeightTransport, get_transport
 class LearnerWorker:
     """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
 
-    def __init__(self, env: dict[str, str], cfg: DSEngineConfig, torch_threads: int):
-        torch.set_num_threads(torch_threads)
+    def __init__(self, env: dict[str, str], cfg: DSEngineConfig, torch_threads: int | None):
+        torch.set_num_threads(torch_threads or rank_threads(int(env["LOCAL_WORLD_SIZE"])))
         os.environ.update(env)  # RANK, LOCAL_RANK, MASTER_ADDR, ...: Ray actors have no launcher
         self.rank = int(env["RANK"])
         self.engine = DeepSpeedEngine(cfg)
@@ -55,6 +55,11 @@ class LearnerWorker:
         return self.sender.send(self.engine.named_weights(), version)
 
 
+def rank_threads(ranks_on_node: int) -> int:
+    """The cores this process may use, shared by the group's ranks on the node."""
+    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+
+
 def shard_rows(n: int, parts: int) -> list[np.ndarray]:
     if n < parts:
         raise ValueError(f"cannot split {n} rows over {parts} ranks")
@@ -68,7 +73,7 @@ class LearnerGroup:
     its last checkpoint)."""
 
     def __init__(self, cfg: DSEngineConfig, num_ranks: int = 1, num_cpus_per_rank: float = 0.5,
-                 torch_threads: int = 2, transport: WeightTransport | None = None,
+                 torch_threads: int | None = None, transport: WeightTransport | None = None,
                  num_gpus_per_rank: float = 0.0, resources_per_rank: dict | None = None,
                  call_timeout_s: float | None = None, placement_timeout_s: float = 120.0):
         self.cfg, self.num_ranks = cfg, num_ranks
