@@ -200,6 +200,9 @@ class RolloutConfig:
     # Sharing one GPU with the learner: vLLM sleep mode between generations (GPU only).
     # 0: never | 1: weights to CPU, KV cache dropped | 2: both dropped (the sync reloads)
     sleep_level: int = 0
+    # CPU threads per engine. None = the cores ÷ the engines on the node (the loop is
+    # synchronous: the learner idles while they generate)
+    torch_threads: Optional[int] = None
 
 
 @dataclass
@@ -322,6 +325,7 @@ VALID_CHOICES = {
 # Settings that must be at least 1 (counts), or above 0 (shares and rates).
 AT_LEAST_ONE = ("rollout.num_engines", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
                 "learner.num_ranks", "learner.micro_batch_size", "learner.torch_threads",
+                "rollout.torch_threads",
                 "learner.weight_bucket_mb", "algorithm.prompts_per_step",
                 "algorithm.minibatch_size", "eval_every", "save_every")
 ABOVE_ZERO = ("rollout.temperature", "rollout.top_p", "rollout.gpu_memory_utilization",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -35,9 +36,10 @@ class RolloutGroup:
         # SPREAD: engines share no GPU and no node's memory bandwidth where the cluster allows.
         self.placement = reserve("rollout", bundle(num_cpus, num_gpus, resources),
                                  len(engine_configs), "SPREAD", placement_timeout_s)
+        nodes = self.placement.node_ids
         self.engines = [ray.remote(VLLMEngine).options(max_restarts=max_restarts,
                                                        **self.placement.options(i))
-                        .remote(c, transport)
+                        .remote(replace(c, engines_on_node=nodes.count(nodes[i])), transport)
                         for i, c in enumerate(engine_configs)]
         # The last synced payload; None: the initial weights, or a collective transport
         self.weights: ray.ObjectRef | None = None

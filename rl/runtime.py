@@ -87,7 +87,8 @@ def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:
         enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
         seed=seed, chunked_prefill=r.chunked_prefill,
         max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs,
-        tensor_parallel_size=r.tensor_parallel_size, sleep_level=r.sleep_level)
+        tensor_parallel_size=r.tensor_parallel_size, sleep_level=r.sleep_level,
+        torch_threads=r.torch_threads)
 
 
 def engine_gpus(cfg) -> float:
