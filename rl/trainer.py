@@ -466,6 +466,13 @@ class Trainer:
         return self.ckpts.save(step, self.state, write)
 
     # --- the loop ------------------------------------------------------------------------------
+    def stop_reason(self, done: int, signals: StopOnSignal) -> str | None:
+        """Why the loop stops early after step `done` (it checkpoints first), or None."""
+        if signals.received:
+            return signals.received
+        stop_after = self.cfg.stop_after
+        return f"stop_after={stop_after}" if stop_after is not None and done >= stop_after else None
+
     def advance(self, evals: dict, signals: StopOnSignal) -> tuple[dict, dict]:
         """One RL step, then its evaluation, metrics and checkpoint when due. A learner failure
         anywhere in here is recovered by the caller from the last checkpoint."""
@@ -480,8 +487,7 @@ class Trainer:
         metrics.update({"fault/learner_restarts": float(self.failures),
                         "fault/engine_restarts": float(self.engines.restarts)})
         self.tracker.log(metrics, step=done)
-        stopping = (cfg.stop_after is not None and done >= cfg.stop_after) or signals.received
-        if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+        if done % cfg.save_every == 0 or done == cfg.steps or self.stop_reason(done, signals):
             self.save(done)
         self.step = done
         return metrics, evals
@@ -517,12 +523,10 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
                                 acc=f"{metrics['rollout/accuracy']:.2f}",
                                 eval=f"{evals['eval/accuracy']:.2f}")
-                if cfg.stop_after is not None and done >= cfg.stop_after:
-                    log.info("stop_after=%d reached; stopped as if interrupted", done)
-                    break
-                if signals.received:
+                reason = self.stop_reason(done, signals)
+                if reason:
                     log.warning("%s: stopped after step %d, checkpoint written; continue with "
-                                "resume=true", signals.received, done)
+                                "resume=true", reason, done)
                     break
         bar.close()
         share_of = {k: [v[k] for v in shares.values()] for k in ("credit", "leaf", "vars")}

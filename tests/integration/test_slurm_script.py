@@ -7,13 +7,14 @@ checkpoints, exits 143 → the script requeues the job; run again, it continues 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration.ray_processes import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "slurm.sbatch"
@@ -37,12 +38,6 @@ def test_bash_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -62,22 +57,6 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
     finally:
         stop_group(proc.pid)
     return log.read_text()
-
-
-def stop_group(pgid: int) -> None:
-    """What the job's end stops: the Ray head the script left in the background (`ray start
-    --block` shuts its node down on SIGTERM; SIGKILL for what remains)."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        for _ in range(int(wait_s * 2)):
-            time.sleep(0.5)
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):

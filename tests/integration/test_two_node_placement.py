@@ -8,8 +8,6 @@ gave it, and the ranks' RANK / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.ray_processes import free_port, stop_group
+
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 pytestmark = pytest.mark.timeout(1200)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def start_node(args: list[str], env: dict) -> subprocess.Popen:
@@ -34,7 +28,7 @@ def start_node(args: list[str], env: dict) -> subprocess.Popen:
     the machine, unlike `ray stop`); returns once the node is up."""
     proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: see stop_nodes
+                            start_new_session=True)  # its own process group: see stop_group
     NODES_STARTED.append(proc)
     seen = []
     for line in proc.stdout:
@@ -48,19 +42,8 @@ NODES_STARTED: list[subprocess.Popen] = []
 
 
 def stop_nodes() -> None:
-    """Stop each `ray start --block` (it stops its node), then kill what is left of its process
-    group: the node's agents rename themselves (`ray::DashboardAgent`), so no name or path
-    finds them, and an orphaned agent keeps its port (the next head's agent cannot bind it)."""
     for p in reversed(NODES_STARTED):
-        p.terminate()
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(p.pid)
     NODES_STARTED.clear()
 
 
