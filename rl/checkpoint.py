@@ -4,6 +4,8 @@ Layout of `<output_dir>/checkpoints/step_000020/`:
     ds/                   DeepSpeed state of every rank (model, optimizer)
     hf/                   HF export (safetensors + tokenizer) that vLLM/transformers load
     trainer_state.json    step, data position, metrics history position, RNG seeds
+    rollouts_in_flight.json  batches started for later steps (rollout.async_steps > 0), with the
+                          policy version that sampled them
 Everything is written into `.tmp-step_000020/` first and renamed when complete: a crash
 mid-write leaves only a temp folder, which `latest()` never returns.
 """

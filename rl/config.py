@@ -150,8 +150,10 @@ class AlgorithmConfig:
     kl_coef: float = 0.0              # > 0 loads a frozen reference model
     kl_estimator: str = "k3"          # k1 | k3
     entropy_coef: float = 0.0
-    # Truncated importance sampling on sampler/learner mismatch; 0 disables it.
+    # Importance weight ρ = π_old / π_sampler for the sampler/learner gap (async rollouts: the
+    # sampler is up to rollout.async_steps versions old). tis_cap = c; 0 disables it.
     tis_cap: float = 0.0
+    tis_mode: str = "truncate"        # truncate: min(ρ, c) | mask: drop tokens with ρ outside [1/c, c]
     lr: float = 5e-5
     lr_warmup_steps: int = 10         # linear warm-up of the RL learning rate (fresh Adam)
     weight_decay: float = 0.0
@@ -203,6 +205,9 @@ class RolloutConfig:
     # CPU threads per engine. None = the cores ÷ the engines on the node (the loop is
     # synchronous: the learner idles while they generate)
     torch_threads: Optional[int] = None
+    # Policy versions a batch may lag the learner that trains on it: 0 = synchronous; k > 0 =
+    # the engines generate steps t+1..t+k while the learner scores and updates step t
+    async_steps: int = 0
 
 
 @dataclass
@@ -302,6 +307,7 @@ VALID_CHOICES = {
     "algorithm.advantage": ("grpo", "rloo"),
     "algorithm.loss_agg": ("token_mean", "seq_mean"),
     "algorithm.kl_estimator": ("k1", "k3"),
+    "algorithm.tis_mode": ("truncate", "mask"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "offline", "online", "disabled"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -332,7 +338,7 @@ ABOVE_ZERO = ("rollout.temperature", "rollout.top_p", "rollout.gpu_memory_utiliz
               "rollout.num_cpus_per_engine", "learner.num_cpus_per_rank",
               "cluster.call_timeout_s", "cluster.placement_timeout_s")
 NOT_NEGATIVE = ("rollout.max_restarts", "max_failures", "rollout.num_gpus_per_engine",
-                "learner.num_gpus_per_rank")
+                "learner.num_gpus_per_rank", "rollout.async_steps", "algorithm.tis_cap")
 # Layer selections read by the statistics capture (kernels/capture.py `select_layers`).
 LAYER_KEYS = ("learner.stats_layers", "avar.layers")
 
@@ -398,6 +404,13 @@ def check_sizes(cfg) -> None:
                          f"{r.gpu_memory_utilization} must be in (0, 1]")
     if r.eval_temperature < 0 or r.eval_samples < 0:
         raise ValueError("rollout.eval_temperature and rollout.eval_samples must be >= 0")
+    if r.async_steps > 0 and r.sleep_level > 0:
+        raise ValueError(f"rollout.async_steps={r.async_steps} generates while the learner "
+                         f"updates, but rollout.sleep_level={r.sleep_level} puts the engines to "
+                         "sleep for the update (one shared GPU): use one or the other")
+    if 0 < cfg.algorithm.tis_cap < 1:
+        raise ValueError(f"algorithm.tis_cap={cfg.algorithm.tis_cap}: the cap c must be >= 1 "
+                         "(or 0 = off)")
     if cfg.steps < 0 or cfg.keep_last < 0:
         raise ValueError(f"steps={cfg.steps} and keep_last={cfg.keep_last} must be >= 0 "
                          "(steps=0: evaluate the starting policy only; keep_last=0: keep all)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import ray
@@ -24,6 +24,19 @@ from rl.remote_calls import ActorFailure, get_all
 from rollout.vllm_engine import StaleWeights, VLLMEngine
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """A generation in flight: each engine's part, and the weights it samples with (`version`;
+    `weights` the payload, None for v0 or a collective transport) — what an engine restarted
+    meanwhile must load before its part is re-issued."""
+    requests: list[list]          # per engine
+    seeds: list[list | None]      # per engine
+    sampling: tuple               # n, temperature, top_p, max_tokens
+    version: int
+    weights: ray.ObjectRef | None
+    futures: dict = field(default_factory=dict)  # engine index → ObjectRef, while outstanding
 
 
 class RolloutGroup:
@@ -56,52 +69,71 @@ class RolloutGroup:
     def generate(self, requests: list, n: int, temperature: float, top_p: float,
                  max_tokens: int, seeds: list[int] | None = None) -> list:
         """n completions per request, split over the engines, in request order."""
+        return self.collect(self.submit(requests, n, temperature, top_p, max_tokens, seeds))
+
+    def submit(self, requests: list, n: int, temperature: float, top_p: float,
+               max_tokens: int, seeds: list[int] | None = None) -> "Generation":
+        """Starts a generation with the current weights and returns at once. An engine runs
+        its calls one after another, so a weight sync sent later waits for this generation to
+        finish: it samples with these weights, whole (never half-updated ones)."""
         parts = [idx for idx in np.array_split(np.arange(len(requests)), len(self.engines))
                  if len(idx)]
+        g = Generation([[requests[j] for j in idx] for idx in parts],
+                       [None if seeds is None else [seeds[j] for j in idx] for idx in parts],
+                       (n, temperature, top_p, max_tokens), self.version, self.weights)
+        g.futures = {i: self.send(g, i) for i in range(len(parts))}
+        return g
 
-        def send(i: int):
-            idx = parts[i]
-            return self.engines[i].generate.remote(
-                [requests[j] for j in idx], n, temperature, top_p, max_tokens,
-                None if seeds is None else [seeds[j] for j in idx], self.version)
+    def send(self, g: "Generation", i: int):
+        return self.engines[i].generate.remote(g.requests[i], *g.sampling, g.seeds[i], g.version)
 
-        futures = {i: send(i) for i in range(len(parts))}
+    def collect(self, g: "Generation") -> list:
+        """The generation's completions in request order. An engine that died meanwhile is
+        restarted, given the weights the generation was started with, and its part re-issued
+        with the same seeds (an engine left on older weights than the group's is brought up to
+        date when it next refuses a generation: `StaleWeights`)."""
         results: dict[int, list] = {}
-        attempts = {i: 0 for i in futures}
+        attempts = {i: 0 for i in g.futures}
         deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
-        while futures:
+        while g.futures:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            done, _ = ray.wait(list(futures.values()), num_returns=1, timeout=left)
+            done, _ = ray.wait(list(g.futures.values()), num_returns=1, timeout=left)
             if not done:
                 raise ActorFailure(f"rollout: no answer within {self.call_timeout_s:.0f} s from "
-                                   f"engines {sorted(futures)} (cluster.call_timeout_s)")
-            i = next(k for k, f in futures.items() if f == done[0])
+                                   f"engines {sorted(g.futures)} (cluster.call_timeout_s)")
+            i = next(k for k, f in g.futures.items() if f == done[0])
             try:
-                results[i] = ray.get(futures.pop(i))
+                results[i] = ray.get(g.futures.pop(i))
             except (RayActorError, StaleWeights) as err:
                 attempts[i] += 1
                 if attempts[i] > self.max_restarts:
                     raise ActorFailure(f"rollout engine {i} failed {attempts[i]} times in one "
                                        f"call; last: {err}") from err
-                self.recover(i, err, len(parts[i]))
-                futures[i] = send(i)
-        return [c for i in range(len(parts)) for c in results[i]]
+                self.recover(i, err, len(g.requests[i]), g.weights, g.version)
+                g.futures[i] = self.send(g, i)
+        return [c for i in range(len(results)) for c in results[i]]
 
-    def recover(self, i: int, err: Exception, prompts: int) -> None:
-        """Wait for Ray to restart engine i, give it the current weights, count it."""
+    def recover(self, i: int, err: Exception, prompts: int, weights: ray.ObjectRef | None,
+                version: int) -> None:
+        """Engine i failed a generation that samples with weights `version`: wait until Ray
+        has restarted it (a restart, counted) and load that version into it (a restart, or a
+        stale engine: the group synced while it was down)."""
         t0 = time.perf_counter()
+        restarted = isinstance(err, RayActorError)
         info = self.wait_restarted(i, err)
-        if info["weight_version"] != self.version:
-            if self.weights is None:
+        if info["weight_version"] != version:
+            if weights is None and version > 0:
                 raise ActorFailure(
                     f"rollout engine {i} was restarted, but a collective weight transport "
-                    f"(nccl/ipc) cannot bring it to weights v{self.version}: its group is fixed "
+                    f"(nccl/ipc) cannot bring it to weights v{version}: its group is fixed "
                     "at connect time (not supported yet; the payload transports are)") from err
-            self.load_into([self.engines[i]])
-        self.restarts += 1
-        log.warning("rollout engine %d failed (%s); restarted as pid %d in %.1f s, weights v%d "
-                    "loaded, its %d prompts re-issued", i, type(err).__name__, info["pid"],
-                    time.perf_counter() - t0, self.version, prompts)
+            self.load_into([self.engines[i]], weights, version)
+        if restarted or info["weight_version"] == 0:
+            self.restarts += 1
+        log.warning("rollout engine %d failed (%s); %s pid %d in %.1f s, weights v%d "
+                    "loaded, its %d prompts re-issued", i, type(err).__name__,
+                    "restarted as" if restarted else "now", info["pid"],
+                    time.perf_counter() - t0, version, prompts)
 
     def wait_restarted(self, i: int, err: Exception) -> dict:
         """Engine i's `ready()` once Ray has started it again ("temporarily unavailable" while
@@ -134,14 +166,15 @@ class RolloutGroup:
     def load_weights(self, payload: ray.ObjectRef, version: int) -> dict[str, float]:
         """Every engine loads `payload` (policy `version`); kept for engines restarted later."""
         self.weights, self.version = payload, version
-        return self.load_into(self.engines)
+        return self.load_into(self.engines, payload, version)
 
-    def load_into(self, engines: list) -> dict[str, float]:
+    def load_into(self, engines: list, weights: ray.ObjectRef | None,
+                  version: int) -> dict[str, float]:
         """An engine that dies while loading is not waited for: Ray restarts it, and it is
         reloaded when it next refuses to sample with stale weights."""
-        if self.weights is None:  # version 0 is what every engine starts from
+        if weights is None:  # version 0 is what every engine starts from
             return {"sync/engine_load_s": 0.0}
-        futures = [e.update_weights.remote(self.weights, self.version) for e in engines]
+        futures = [e.update_weights.remote(weights, version) for e in engines]
         load_s = 0.0
         for e, f in zip(engines, futures):
             try:
@@ -149,7 +182,7 @@ class RolloutGroup:
             except ActorFailure as err:
                 log.warning("rollout engine %d failed while loading weights v%d (%s); it will be "
                             "reloaded before it samples again", self.engines.index(e),
-                            self.version, err)
+                            version, err)
         return {"sync/engine_load_s": load_s}
 
     def sleep(self) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The RL loop, one readable step at a time.
 
-    prompts → rollouts (vLLM engines) → rewards (worker pool) → scoring forward (old logprobs,
+    prompts → rollouts (vLLM engines; with rollout.async_steps=k started up to k steps early,
+    rl/rollout_queue.py) → rewards (worker pool) → scoring forward (old logprobs,
     entropy, attention statistics) → credit γ_t → advantages → minibatch updates (DeepSpeed)
     → weight sync → held-out eval → checkpoint
 
@@ -34,6 +35,8 @@ from rl.leaf.online import OnlineLeaf
 from rl.leaf.warm_start import read_report, run_distill
 from rl.placement import check_shared_dirs
 from rl.remote_calls import LearnerFailure
+from rl.rollout_group import Generation
+from rl.rollout_queue import RolloutQueue
 from rl.runtime import init_ray, start_engines, start_learner, write_placement
 from rl.stop_signal import StopOnSignal
 from rl.scoring_plan import StatsPlan, num_layers
@@ -45,6 +48,7 @@ from rl.vision import image_processor_for
 
 log = logging.getLogger(__name__)
 
+IN_FLIGHT = "rollouts_in_flight.json"  # async mode: batches started before the checkpoint
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages",
               "sampler_logprobs", "ref_logprobs", "pixel_values", "image_grid_thw")
 
@@ -75,7 +79,7 @@ class Trainer:
         self.loss_cfg = PolicyLossConfig(
             clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
-            tis_cap=self.alg.tis_cap, loss_agg=self.alg.loss_agg, kd_coef=cfg.leaf.kl_coef)
+            tis_cap=self.alg.tis_cap, tis_mode=self.alg.tis_mode, loss_agg=self.alg.loss_agg, kd_coef=cfg.leaf.kl_coef)
         self.credit = build_credit(cfg)
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self.ckpts.latest() if cfg.resume else None
@@ -108,6 +112,12 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.engines = start_engines(cfg, self.policy_init)
+        self.rollouts = RolloutQueue(self.engines, self.start_rollouts, cfg.rollout.async_steps,
+                                     cfg.steps)
+        if cfg.rollout.async_steps and not self.alg.tis_cap:
+            log.warning("rollout.async_steps=%d without algorithm.tis_cap: responses sampled up "
+                        "to %d versions ago are trained on uncorrected", cfg.rollout.async_steps,
+                        cfg.rollout.async_steps)
         self.learner, self.teacher, self.online_leaf = self.start_learner_side()
         engines_info = self.engines.ready()
         self.timings["actors_start_s"] = time.perf_counter() - t0
@@ -146,13 +156,17 @@ class Trainer:
     def restore(self, ckpt: Path | None) -> None:
         """Learner state and trainer state from a checkpoint (None: the start of RL), then the
         engines get the same weights."""
+        in_flight = []
         if ckpt is not None:
             self.learner.load(str(ckpt / "ds"))
             self.state = CheckpointManager.load_state(ckpt)
+            if (ckpt / IN_FLIGHT).exists():
+                in_flight = json.loads((ckpt / IN_FLIGHT).read_text())
         else:
             self.state = {k: v for k, v in self.state.items() if k == "cold_start_eval"}
         self.step = self.state.get("step", 0)
         self.sync_weights(self.step)
+        self.rollouts.restore(in_flight)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         return self.engines.sync_from(self.learner, version)
@@ -189,6 +203,19 @@ class Trainer:
         check_prompt_lengths(prompts, self.cfg.rollout.max_model_len)
         return prompts
 
+    def step_prompts(self, step: int):
+        """The step's prompts and per-prompt sampling seeds: a function of (seed, step) alone."""
+        n = self.alg.prompts_per_step
+        prompts = self.encode(train_samples_at(self.task, step * n, n))
+        seeds = [stable_hash("sample", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
+        return prompts, seeds
+
+    def start_rollouts(self, step: int) -> Generation:
+        prompts, seeds = self.step_prompts(step)
+        r = self.cfg.rollout
+        return self.engines.submit([p.request for p in prompts], self.alg.n_samples,
+                                   r.temperature, r.top_p, r.max_new_tokens, seeds)
+
     def generate(self, prompts, n: int, temperature: float, seeds=None):
         """n completions per prompt, in prompt order (rl/rollout_group.py splits them over the
         engines and survives a dead one)."""
@@ -201,12 +228,11 @@ class Trainer:
         return self.tok.batch_decode(rows, skip_special_tokens=True)
 
     # --- one step ---------------------------------------------------------------------------
-    def rollout(self, step: int) -> RolloutBatch:
-        n = self.alg.prompts_per_step
-        prompts = self.encode(train_samples_at(self.task, step * n, n))
-        seeds = [stable_hash("sample", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
-        completions = self.generate(prompts, self.alg.n_samples, self.cfg.rollout.temperature, seeds)
-        return collate_rollouts(prompts, completions, self.tok.pad_token_id)
+    def rollout(self, step: int) -> tuple[RolloutBatch, int]:
+        """The step's batch (waiting for it when started earlier) and its staleness."""
+        prompts, _ = self.step_prompts(step)
+        completions, staleness = self.rollouts.take(step)
+        return collate_rollouts(prompts, completions, self.tok.pad_token_id), staleness
 
     def reward(self, batch: RolloutBatch, texts: list[str]) -> dict:
         items = [RewardItem(response=t, answer=m["answer"], meta=m["sample_meta"],
@@ -318,11 +344,12 @@ class Trainer:
         t_step = time.perf_counter()
         lr = self.alg.lr * min(1.0, (step + 1) / max(1, self.alg.lr_warmup_steps))
         self.learner.set_lr(lr)
-        batch = timed("rollout", self.rollout, step)
+        batch, staleness = timed("rollout", self.rollout, step)
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
         batch, kd, leaf_metrics = timed("leaf", self.leaf_terms, batch, step)
         colocate = self.engines.sleep()  # the step's generation is done: GPU to the learner
+        self.rollouts.prefetch(step)  # async: the engines sample the next steps meanwhile
         avar_mass = timed("score", self.score, batch)
         vars_metrics = timed("vars", self.visual_reward, batch, avar_mass)
         adv, credit_metrics = self.advantages(batch, step)
@@ -348,6 +375,8 @@ class Trainer:
             **reward_metrics, **train_metrics, **times, **sync, **colocate,
             **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics, **vars_metrics,
             "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
+            # policy versions between the weights that sampled the batch and the learner's
+            "rollout/staleness": float(staleness),
             "rollout/response_len": float(batch.response_lengths().float().mean()),
             "rollout/truncated": float(np.mean([m["finish_reason"] == "length" for m in batch.meta])),
             "rollout/entropy": masked_mean(batch.entropy, mask),
@@ -460,6 +489,7 @@ class Trainer:
         def write(tmp: Path) -> None:
             self.learner.save(str(tmp / "ds"))
             self.learner.export_hf(str(tmp / "hf"))
+            (tmp / IN_FLIGHT).write_text(json.dumps(self.rollouts.in_flight()))
 
         self.state.update({"step": step, "seed": self.cfg.seed,
                            "data_position": step * self.alg.prompts_per_step})

@@ -1,4 +1,5 @@
-"""The policy loss in one place: PPO-clip with clip-higher, optional TIS, KL and entropy terms.
+"""The policy loss in one place: PPO-clip with clip-higher, optional sampler correction (truncated
+or masked importance sampling), KL and entropy terms.
 
 All tensors are [B, T] aligned to token positions (logprob at t scores token t given < t);
 `mask` marks the response tokens that are trained. The loss is a *sum* divided by a
@@ -19,7 +20,8 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
-    tis_cap: float = 0.0
+    tis_cap: float = 0.0     # c; 0 = no sampler correction
+    tis_mode: str = "truncate"  # truncate: weight min(ρ, c) | mask: weight 1 if 1/c ≤ ρ ≤ c, else 0
     loss_agg: str = "token_mean"
     kd_coef: float = 0.0    # LeaF in RL: weight of the KD rows (kd_*) a minibatch may carry
 
@@ -33,6 +35,23 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str) -> torch.Tensor:
         log_ratio = log_ratio.clamp(-20, 20)
         return torch.exp(log_ratio) - log_ratio - 1
     raise ValueError(f"unknown kl estimator {estimator!r}")
+
+
+def sampler_correction(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float,
+                       mode: str) -> torch.Tensor:
+    """Per-token weight for the gap between the policy that sampled a response (vLLM, possibly
+    `rollout.async_steps` versions old) and the one the PPO ratio is taken against (the
+    learner's scoring forward): ρ = π_old / π_sampler, then
+      truncate: min(ρ, c)                      — truncated importance sampling (TIS)
+      mask:     1 where 1/c ≤ ρ ≤ c, else 0     — such tokens drop out of the loss (the caller's
+                                                  normaliser still counts them)
+    A constant: no gradient flows through it."""
+    rho = torch.exp((old_logprobs - sampler_logprobs).clamp(-20, 20)).detach()
+    if mode == "truncate":
+        return rho.clamp(max=cap)
+    if mode == "mask":
+        return ((rho >= 1.0 / cap) & (rho <= cap)).to(rho.dtype)
+    raise ValueError(f"unknown tis_mode {mode!r} (truncate | mask)")
 
 
 def aggregate(values, mask, loss_agg: str, normaliser: float) -> torch.Tensor:
@@ -67,10 +86,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
     per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    is_weight = None
     if cfg.tis_cap > 0 and sampler_logprobs is not None:
-        # The sampler (vLLM) and learner disagree slightly; reweight by their capped ratio.
-        tis = torch.exp((old_logprobs - sampler_logprobs).clamp(max=20)).clamp(max=cfg.tis_cap)
-        per_token = per_token * tis.detach()
+        is_weight = sampler_correction(old_logprobs, sampler_logprobs, cfg.tis_cap, cfg.tis_mode)
+        per_token = per_token * is_weight
     if cfg.kl_coef > 0 and ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
         per_token = per_token + cfg.kl_coef * kl
@@ -88,6 +107,12 @@ def policy_loss(
             "ratio_mean": ((ratio * mask_f).sum() / n_tok).item(),
             "approx_kl_old": ((0.5 * log_ratio**2 * mask_f).sum() / n_tok).item(),
         }
+        if is_weight is not None:
+            # tokens the correction changed: truncated (ρ > c) or dropped (ρ outside [1/c, c])
+            rho = torch.exp((old_logprobs - sampler_logprobs).clamp(-20, 20))
+            changed = (is_weight != rho) if cfg.tis_mode == "truncate" else (is_weight == 0)
+            metrics["is_weight_mean"] = ((is_weight * mask_f).sum() / n_tok).item()
+            metrics["is_corrected_frac"] = ((changed.to(mask_f.dtype) * mask_f).sum() / n_tok).item()
         if kl is not None:
             metrics["kl"] = ((kl * mask_f).sum() / n_tok).item()
         if entropy is not None:

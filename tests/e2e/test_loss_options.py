@@ -182,7 +182,7 @@ def ppo_run(ray_session, tmp_path_factory, dataset, cache_dir):
     try:
         rec = Recorder(trainer, out / "policies")
         # Step 1 stage by stage, minus the weight sync: the engine stays at the cold start.
-        batch = trainer.rollout(0)
+        batch, _ = trainer.rollout(0)
         trainer.reward(batch, trainer.decode_responses(batch))
         trainer.score(batch)
         trainer.advantages(batch, 0)

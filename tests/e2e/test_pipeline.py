@@ -280,8 +280,8 @@ def test_run_survives_a_killed_engine_and_a_killed_learner_rank(
     def rollout_with_engine_kill(self, step):
         if step == 1 and self.engines.restarts == 0:
             stop_then_kill(self.engines.ready()[0]["pid"])
-        batches[step + 1] = batch = rollout(self, step)
-        return batch
+        batches[step + 1], staleness = rollout(self, step)
+        return batches[step + 1], staleness
 
     def update_with_rank_kill(self, batch, step, kd=None):
         if step == 2 and self.failures == 0:
