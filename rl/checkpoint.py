@@ -64,7 +64,7 @@ class CheckpointManager:
 RUN_IDENTITY = ("seed", "model", "task", "cold_start", "credit", "reward", "distill", "leaf", "teacher.name",
                 "teacher.path", "teacher.tiny", "teacher.train", "algorithm.advantage",
                 "algorithm.std_normalize", "algorithm.n_samples", "algorithm.prompts_per_step",
-                "learner.num_ranks", "learner.zero_stage")
+                "learner.num_ranks", "learner.zero_stage", "rollout.async_steps")
 
 
 def _flat(d, prefix=""):

@@ -203,7 +203,7 @@ class RolloutConfig:
     # 0: never | 1: weights to CPU, KV cache dropped | 2: both dropped (the sync reloads)
     sleep_level: int = 0
     # CPU threads per engine. None = the cores ÷ the engines on the node (the loop is
-    # synchronous: the learner idles while they generate)
+    # synchronous: the learner idles while they generate); halved with async_steps > 0
     torch_threads: Optional[int] = None
     # Policy versions a batch may lag the learner that trains on it: 0 = synchronous; k > 0 =
     # the engines generate steps t+1..t+k while the learner scores and updates step t
@@ -228,7 +228,9 @@ class LearnerConfig:
     num_cpus_per_rank: float = 0.5
     # Per rank. None = the cores this process may use ÷ the group's ranks on its node: the
     # loop is synchronous, so the engines sit idle while the learner computes (2 threads on this
-    # 2-core machine: update 0.82 → 0.54 s, scoring 0.25 → 0.15 s, benchmarks/bench_step.py)
+    # 2-core machine: update 0.82 → 0.54 s, scoring 0.25 → 0.15 s, benchmarks/bench_step.py);
+    # halved with rollout.async_steps > 0 (both compute at once: 2 + 2 threads on 2 cores made
+    # the update 8× slower)
     torch_threads: Optional[int] = None
     num_gpus_per_rank: Optional[float] = None  # None = 1 when the Ray cluster has GPUs, else 0
     # How weights reach the engines (rollout/weight_sync.py): safetensors (one blob through the

@@ -23,8 +23,9 @@ from rollout.weight_sync import WeightTransport, get_transport
 class LearnerWorker:
     """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
 
-    def __init__(self, env: dict[str, str], cfg: DSEngineConfig, torch_threads: int | None):
-        torch.set_num_threads(torch_threads or rank_threads(int(env["LOCAL_WORLD_SIZE"])))
+    def __init__(self, env: dict[str, str], cfg: DSEngineConfig, torch_threads: int | None,
+                 cpu_groups: int = 1):
+        torch.set_num_threads(torch_threads or rank_threads(int(env["LOCAL_WORLD_SIZE"]) * cpu_groups))
         os.environ.update(env)  # RANK, LOCAL_RANK, MASTER_ADDR, ...: Ray actors have no launcher
         self.rank = int(env["RANK"])
         self.engine = DeepSpeedEngine(cfg)
@@ -55,9 +56,10 @@ class LearnerWorker:
         return self.sender.send(self.engine.named_weights(), version)
 
 
-def rank_threads(ranks_on_node: int) -> int:
-    """The cores this process may use, shared by the group's ranks on the node."""
-    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+def rank_threads(sharers: int) -> int:
+    """The cores this process may use, shared by the processes computing beside it on the node
+    (the group's ranks there; twice as many when the engines generate at the same time)."""
+    return max(1, len(os.sched_getaffinity(0)) // sharers)
 
 
 def shard_rows(n: int, parts: int) -> list[np.ndarray]:
@@ -73,7 +75,8 @@ class LearnerGroup:
     its last checkpoint)."""
 
     def __init__(self, cfg: DSEngineConfig, num_ranks: int = 1, num_cpus_per_rank: float = 0.5,
-                 torch_threads: int | None = None, transport: WeightTransport | None = None,
+                 torch_threads: int | None = None, cpu_groups: int = 1,
+                 transport: WeightTransport | None = None,
                  num_gpus_per_rank: float = 0.0, resources_per_rank: dict | None = None,
                  call_timeout_s: float | None = None, placement_timeout_s: float = 120.0):
         self.cfg, self.num_ranks = cfg, num_ranks
@@ -86,7 +89,7 @@ class LearnerGroup:
         port = rendezvous_port(self.placement, placement_timeout_s)
         envs = rank_env(self.placement.node_ids, self.placement.node_ips, port)
         self.workers = [ray.remote(LearnerWorker).options(**self.placement.options(r))
-                        .remote(envs[r], cfg, torch_threads) for r in range(num_ranks)]
+                        .remote(envs[r], cfg, torch_threads, cpu_groups) for r in range(num_ranks)]
         self._all("set_lr", cfg.lr)
         self.start_s = time.perf_counter() - t0
 

@@ -88,7 +88,14 @@ def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:
         seed=seed, chunked_prefill=r.chunked_prefill,
         max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs,
         tensor_parallel_size=r.tensor_parallel_size, sleep_level=r.sleep_level,
-        torch_threads=r.torch_threads)
+        torch_threads=r.torch_threads, cpu_groups=cpu_groups(cfg))
+
+
+def cpu_groups(cfg) -> int:
+    """Actor groups computing at once on a node, for the default CPU threads: the loop is
+    synchronous (learner, then engines), or the engines generate while the learner updates.
+    (Assumes they share the node; set learner/rollout.torch_threads when they do not.)"""
+    return 2 if cfg.rollout.async_steps > 0 else 1
 
 
 def engine_gpus(cfg) -> float:
@@ -144,7 +151,8 @@ def start_learner(cfg, model_path: str, lr: float, minibatch_size: int,
     return LearnerGroup(learner_config(cfg, model_path, lr, minibatch_size, ref_model_path,
                                        teacher_model_path),
                         num_ranks=lc.num_ranks, num_cpus_per_rank=lc.num_cpus_per_rank,
-                        torch_threads=lc.torch_threads, num_gpus_per_rank=learner_gpus(cfg),
+                        torch_threads=lc.torch_threads, cpu_groups=cpu_groups(cfg),
+                        num_gpus_per_rank=learner_gpus(cfg),
                         transport=get_transport(lc.weight_transport,
                                                 bucket_bytes=lc.weight_bucket_mb << 20),
                         resources_per_rank=dict(lc.resources_per_rank),

@@ -32,11 +32,14 @@ class EngineConfig:
     # mode, GPU only). 1: weights to CPU, KV cache dropped; 2: both dropped (the next weight
     # sync brings the weights). 0: never.
     sleep_level: int = 0
-    # CPU threads of this engine's process. None = the cores it may use ÷ `engines_on_node`
-    # (Ray would leave it 1 thread — OMP_NUM_THREADS from its fractional CPU share — and vLLM
-    # on CPU then generates ~20% slower than the same engine in a plain process).
+    # CPU threads of this engine's process. None = the cores it may use ÷ (`engines_on_node` ×
+    # `cpu_groups`) (Ray would leave it 1 thread — OMP_NUM_THREADS from its fractional CPU
+    # share — and vLLM on CPU then generates ~20% slower than the same engine in a plain process).
     torch_threads: int | None = None
     engines_on_node: int = 1
+    # Actor groups computing at the same time on a node: 1 when the loop is synchronous, 2 with
+    # asynchronous rollouts (the engines generate while the learner updates)
+    cpu_groups: int = 1
 
 
 # vLLM's own default token budget per engine step on CPU (and its floor on GPU).
@@ -139,8 +142,8 @@ class VLLMEngine(CollectiveReceiver):
         import torch
         from vllm import LLM
 
-        torch.set_num_threads(cfg.torch_threads
-                              or max(1, len(os.sched_getaffinity(0)) // cfg.engines_on_node))
+        torch.set_num_threads(cfg.torch_threads or max(
+            1, len(os.sched_getaffinity(0)) // (cfg.engines_on_node * cfg.cpu_groups)))
 
         from rollout.vllm_internals import WORKER_EXTENSION
         from rollout.weight_sync import get_transport
