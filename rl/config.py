@@ -242,6 +242,10 @@ class LearnerConfig:
     # wait in CPU memory between updates (DeepSpeed offload_states; the bf16 weights stay)
     offload_between_updates: bool = False
     resources_per_rank: Dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    # torch.compile the policy (dynamic shapes; learner.attention sdpa, ZeRO 0-2): its forwards
+    # and backwards ~1.5x faster on CPU, after a compile of ~35 s (2 cores) at the first update
+    # and the first scoring forward of every learner start
+    compile: bool = False
 
 
 @dataclass
@@ -463,6 +467,10 @@ def check_cluster(cfg) -> None:
     if cfg.learner.offload_between_updates and cfg.learner.zero_stage not in (1, 2):
         raise ValueError("learner.offload_between_updates needs learner.zero_stage 1 or 2 "
                          "(DeepSpeed's offload_states moves ZeRO-3 state only with its FusedAdam)")
+    if cfg.learner.compile and (learner_attention(cfg) != "sdpa" or cfg.learner.zero_stage == 3):
+        raise ValueError("learner.compile needs the stock attention (learner.attention sdpa: no "
+                         "credit or AVAR reading attention statistics) and learner.zero_stage "
+                         "0-2 (ZeRO-3 gathers parameters in hooks the compiled graph would skip)")
     if cfg.learner.weight_transport == "ipc" and cfg.learner.num_ranks > 1:
         raise ValueError("learner.weight_transport=ipc needs learner.num_ranks=1 (vLLM's IPC "
                          "sender gathers over the learner's process group); use nccl")

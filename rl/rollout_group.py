@@ -58,13 +58,16 @@ class RolloutGroup:
         self.weights: ray.ObjectRef | None = None
         self.version = 0
         self.restarts = 0  # engines restarted so far (metric fault/engine_restarts)
+        self.pids: list[int | None] = [None] * len(self.engines)  # a new pid: a restart
 
     def __len__(self) -> int:
         return len(self.engines)
 
     def ready(self) -> list[dict]:
-        return get_all([e.ready.remote() for e in self.engines], self.call_timeout_s,
-                       "engine start")
+        infos = get_all([e.ready.remote() for e in self.engines], self.call_timeout_s,
+                        "engine start")
+        self.pids = [info["pid"] for info in infos]
+        return infos
 
     def generate(self, requests: list, n: int, temperature: float, top_p: float,
                  max_tokens: int, seeds: list[int] | None = None) -> list:
@@ -90,8 +93,8 @@ class RolloutGroup:
     def collect(self, g: "Generation") -> list:
         """The generation's completions in request order. An engine that died meanwhile is
         restarted, given the weights the generation was started with, and its part re-issued
-        with the same seeds (an engine left on older weights than the group's is brought up to
-        date when it next refuses a generation: `StaleWeights`)."""
+        with the same seeds; then, if those were older than the group's (a generation started
+        before the last sync), given the current weights again."""
         results: dict[int, list] = {}
         attempts = {i: 0 for i in g.futures}
         deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
@@ -111,6 +114,9 @@ class RolloutGroup:
                                        f"call; last: {err}") from err
                 self.recover(i, err, len(g.requests[i]), g.weights, g.version)
                 g.futures[i] = self.send(g, i)
+        behind = [self.engines[i] for i, n in attempts.items() if n and g.version != self.version]
+        if behind:  # recovered to an older generation's weights (async): back to the current
+            self.load_into(behind, self.weights, self.version)
         return [c for i in range(len(results)) for c in results[i]]
 
     def recover(self, i: int, err: Exception, prompts: int, weights: ray.ObjectRef | None,
@@ -119,20 +125,22 @@ class RolloutGroup:
         has restarted it (a restart, counted) and load that version into it (a restart, or a
         stale engine: the group synced while it was down)."""
         t0 = time.perf_counter()
-        restarted = isinstance(err, RayActorError)
         info = self.wait_restarted(i, err)
+        # counted once per new process (one death can fail several queued generations)
+        restarted = info["pid"] != self.pids[i]
+        self.pids[i] = info["pid"]
         if info["weight_version"] != version:
-            if weights is None and version > 0:
+            if weights is None:
                 raise ActorFailure(
-                    f"rollout engine {i} was restarted, but a collective weight transport "
-                    f"(nccl/ipc) cannot bring it to weights v{version}: its group is fixed "
-                    "at connect time (not supported yet; the payload transports are)") from err
+                    f"rollout engine {i} holds weights v{info['weight_version']}, and nothing "
+                    f"can bring it to v{version}: a collective weight transport (nccl/ipc) "
+                    "keeps no payload and its group is fixed at connect time (not supported "
+                    "yet; the payload transports are)") from err
             self.load_into([self.engines[i]], weights, version)
-        if restarted or info["weight_version"] == 0:
-            self.restarts += 1
+        self.restarts += restarted
         log.warning("rollout engine %d failed (%s); %s pid %d in %.1f s, weights v%d "
                     "loaded, its %d prompts re-issued", i, type(err).__name__,
-                    "restarted as" if restarted else "now", info["pid"],
+                    "restarted as" if restarted else "still", info["pid"],
                     time.perf_counter() - t0, version, prompts)
 
     def wait_restarted(self, i: int, err: Exception) -> dict:

@@ -129,6 +129,8 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
             log.info("resumed from %s (step %d)", resume_from, self.step)
+        elif cfg.rollout.async_steps:  # v0 as a payload too: an engine restarted during a
+            self.sync_weights(0)       # generation started with v0 must be able to reload it
         self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, self.out, run_config,
                                resume_step=self.step if resume_from is not None else None)

@@ -67,6 +67,9 @@ class DSEngineConfig:
     # master weights and gradient buffers wait in CPU memory (the bf16 weights stay, so scoring
     # forwards still run); the next optimizer step brings them back.
     offload_between_updates: bool = False
+    # torch.compile the policy (inductor, dynamic shapes): fused kernels for its forwards and
+    # backwards, paid for once by a compile at the first forward of each kind
+    compile: bool = False
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
@@ -126,6 +129,8 @@ class DeepSpeedEngine(TrainEngine):
             args=args, model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
         self.device = self.engine.device
+        if cfg.compile:  # in place: parameter names, hooks and checkpoints stay the model's own
+            self.engine.module.compile(dynamic=True)
         self.offloaded = False
         self.ref = None
         if cfg.ref_model_path:

@@ -5,6 +5,11 @@ from pathlib import Path
 
 from rl.tasks.arith import column_steps
 
+# The shared e2e data set (tests/e2e/conftest.py): 4 training rows, so step 2 → 3 of a run
+# crosses an epoch boundary, and 2 held-out rows.
+ROWS = [(347, 285), (12, 990), (505, 55), (81, 19)]
+TEST_ROWS = [(100, 23), (64, 64)]
+
 
 def write_rows(path: Path, rows) -> str:
     with open(path, "w") as f:

@@ -4,33 +4,24 @@ t+1..t+k while the learner updates on step t.
 One uninterrupted run with k = 2 over 4 steps (a checkpoint after every step) is the reference:
 its staleness per step, the weights that really sampled each batch (the sampler logprobs
 against the checkpoints' HF exports, scored by plain transformers), then a run stopped after
-step 2 — with two batches in flight — and resumed, which must replay steps 3 and 4 exactly.
+step 2 — with two batches in flight — and resumed, which must replay steps 3 and 4 exactly, and
+a run whose engine is killed with two batches queued on it.
 """
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+from rl.rollout_queue import RolloutQueue
 from rl.trainer import Trainer
-from tests.e2e.arith_rows import write_rows
-from tests.e2e.test_pipeline import ROWS, TEST_ROWS, make_cfg, metrics, run
+from tests.e2e.test_pipeline import make_cfg, metrics, run, stop_then_kill
 
 pytestmark = pytest.mark.timeout(3600)
 K = 2
 ASYNC = [f"rollout.async_steps={K}", "steps=4", "save_every=1", "keep_last=0",
          "eval_every=4", "algorithm.tis_cap=2.0", "algorithm.tis_mode=mask"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("async_data")
-    return write_rows(d / "train.jsonl", ROWS), write_rows(d / "test.jsonl", TEST_ROWS)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("async_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -113,4 +104,35 @@ def test_async_resume_is_exact_with_batches_in_flight(async_run, tmp_path_factor
     for step in (3, 4):
         for key in ("train/loss", "reward/total", "train/grad_norm", "rollout/response_len",
                     "rollout/staleness", "train/is_corrected_frac"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_an_engine_killed_with_two_batches_queued_changes_nothing(
+        async_run, tmp_path_factory, dataset, cache_dir, monkeypatch, caplog):
+    """The engine's process is frozen as step 1 starts the batches of steps 2 and 3 (v0) on it,
+    and killed a moment later, both still queued. Ray restarts it; each batch is sampled again
+    with the weights it was started with — for step 3 that means v0 reloaded into an engine
+    already synced to v2 — and the engine gets the current weights back afterwards: every step
+    equals the reference run's, and the one death counts as one restart."""
+    full, _, _ = async_run
+    out = tmp_path_factory.mktemp("async_kill")
+    prefetch, killed = RolloutQueue.prefetch, []
+
+    def prefetch_into_a_dying_engine(self, step):
+        if step == 0 and not killed:
+            killed.append(self.engines.ready()[0]["pid"])
+            stop_then_kill(killed[0])
+        return prefetch(self, step)
+
+    caplog.set_level(logging.WARNING)
+    with monkeypatch.context() as mp:
+        mp.setattr(RolloutQueue, "prefetch", prefetch_into_a_dying_engine)
+        summary, _ = run(make_cfg(out, cache_dir, dataset, ASYNC))
+    assert summary["steps"] == 4 and summary["engine_restarts"] == 1
+    assert caplog.text.count("restarted as pid") == 1
+    assert caplog.text.count("weights v0 loaded, its 2 prompts re-issued") == 2
+    a, b = metrics(full), metrics(out)
+    for step in (1, 2, 3, 4):
+        for key in ("train/loss", "reward/total", "train/grad_norm", "rollout/response_len",
+                    "rollout/staleness"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)

@@ -19,7 +19,7 @@ from omegaconf import open_dict
 
 from rl.config import register_configs
 from tests.e2e.wandb_records import history, run_tags
-from tests.e2e.arith_rows import write_rows
+from tests.e2e.arith_rows import TEST_ROWS
 from rl.stop_signal import StopOnSignal
 from rl.trainer import Trainer
 
@@ -28,19 +28,6 @@ register_configs()
 # Each test starts engines and learners (the first also a cold start): minutes alone, but up
 # to 22 min measured on a 2-core machine shared with other runs (near pyproject's 1800 s).
 pytestmark = pytest.mark.timeout(3600)
-ROWS = [(347, 285), (12, 990), (505, 55), (81, 19)]
-TEST_ROWS = [(100, 23), (64, 64)]
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_rows(d / "train.jsonl", ROWS), write_rows(d / "test.jsonl", TEST_ROWS)
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)
