@@ -5,9 +5,12 @@ Recovery: each engine actor is created with Ray `max_restarts`, so Ray starts a 
 (in the same placement bundle, from its initial checkpoint). Its share of the call fails
 (RayActorError), or — when the call was sent after the restart — the engine refuses it because
 it holds weight version 0, not the current one (`StaleWeights`). Either way the group waits
-for it, loads the last synced weights from the object store (the payload every engine read),
-and sends the same prompts with the same per-prompt seeds again: the step gets exactly the
-samples the dead engine would have produced.
+for it, loads the weights that generation was started with from the object store (the payload
+every engine read: the last sync's, or an earlier one for a generation started before it —
+asynchronous rollouts), and sends the same prompts with the same per-prompt seeds again: the
+step gets exactly the samples the dead engine would have produced. A generation is started by
+`submit` and gathered by `collect` (`generate` does both), so the trainer can run the learner
+in between.
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ class RolloutGroup:
         return self.collect(self.submit(requests, n, temperature, top_p, max_tokens, seeds))
 
     def submit(self, requests: list, n: int, temperature: float, top_p: float,
-               max_tokens: int, seeds: list[int] | None = None) -> "Generation":
+               max_tokens: int, seeds: list[int] | None = None) -> Generation:
         """Starts a generation with the current weights and returns at once. An engine runs
         its calls one after another, so a weight sync sent later waits for this generation to
         finish: it samples with these weights, whole (never half-updated ones)."""
@@ -87,10 +90,10 @@ class RolloutGroup:
         g.futures = {i: self.send(g, i) for i in range(len(parts))}
         return g
 
-    def send(self, g: "Generation", i: int):
+    def send(self, g: Generation, i: int):
         return self.engines[i].generate.remote(g.requests[i], *g.sampling, g.seeds[i], g.version)
 
-    def collect(self, g: "Generation") -> list:
+    def collect(self, g: Generation) -> list:
         """The generation's completions in request order. An engine that died meanwhile is
         restarted, given the weights the generation was started with, and its part re-issued
         with the same seeds; then, if those were older than the group's (a generation started
@@ -121,9 +124,9 @@ class RolloutGroup:
 
     def recover(self, i: int, err: Exception, prompts: int, weights: ray.ObjectRef | None,
                 version: int) -> None:
-        """Engine i failed a generation that samples with weights `version`: wait until Ray
-        has restarted it (a restart, counted) and load that version into it (a restart, or a
-        stale engine: the group synced while it was down)."""
+        """Engine i failed a generation that samples with weights `version`: wait until it
+        answers again (restarted by Ray, counted once per new process), and load that version
+        into it if it holds another (its initial weights, or those of a sync since)."""
         t0 = time.perf_counter()
         info = self.wait_restarted(i, err)
         # counted once per new process (one death can fail several queued generations)
