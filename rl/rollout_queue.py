@@ -28,23 +28,24 @@ from rollout.vllm_engine import Completion
 @dataclass
 class StepRollouts:
     """One step's completions (or the generation that will produce them) and the policy version
-    that samples them."""
+    that samples them; its encoded prompts when this process encoded them (not after a resume)."""
     version: int
     generation: Generation | None = None
     completions: list[list[Completion]] | None = None
+    prompts: list | None = None
 
 
 class RolloutQueue:
-    def __init__(self, engines: RolloutGroup, start: Callable[[int], Generation],
+    def __init__(self, engines: RolloutGroup, start: Callable[[int], tuple[list, Generation]],
                  async_steps: int, last_step: int):
         """`start(step)`: submits that step's prompts to the engines (seeded by step, so the
-        same step always asks the same thing)."""
+        same step always asks the same thing) and returns (the encoded prompts, the generation)."""
         self.engines, self.start, self.k, self.last_step = engines, start, async_steps, last_step
         self.pending: dict[int, StepRollouts] = {}
 
-    def take(self, step: int) -> tuple[list[list[Completion]], int]:
-        """Step's completions, in prompt order, and their staleness (policy versions between the
-        sampler and the learner now)."""
+    def take(self, step: int) -> tuple[list | None, list[list[Completion]], int]:
+        """Step's encoded prompts (None: started before a resume), its completions in prompt
+        order, and their staleness (policy versions between the sampler and the learner now)."""
         r = self.pending.pop(step, None) or self.begin(step)
         if r.completions is None:
             r.completions = self.engines.collect(r.generation)
@@ -53,7 +54,7 @@ class RolloutQueue:
             raise RuntimeError(f"step {step + 1}: rollouts sampled with weights v{r.version}, the "
                                f"learner is at v{self.engines.version} — staleness {staleness} "
                                f"outside [0, rollout.async_steps={self.k}]")
-        return r.completions, staleness
+        return r.prompts, r.completions, staleness
 
     def prefetch(self, step: int) -> None:
         """Start steps step+1 .. step+k (those not started yet) with the current weights."""
@@ -62,8 +63,8 @@ class RolloutQueue:
                 self.pending[s] = self.begin(s)
 
     def begin(self, step: int) -> StepRollouts:
-        g = self.start(step)
-        return StepRollouts(g.version, generation=g)
+        prompts, g = self.start(step)
+        return StepRollouts(g.version, generation=g, prompts=prompts)
 
     def in_flight(self) -> list[dict]:
         """The started batches, finished and as plain data, for a checkpoint."""

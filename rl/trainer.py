@@ -212,11 +212,11 @@ class Trainer:
         seeds = [stable_hash("sample", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
         return prompts, seeds
 
-    def start_rollouts(self, step: int) -> Generation:
+    def start_rollouts(self, step: int) -> tuple[list, Generation]:
         prompts, seeds = self.step_prompts(step)
         r = self.cfg.rollout
-        return self.engines.submit([p.request for p in prompts], self.alg.n_samples,
-                                   r.temperature, r.top_p, r.max_new_tokens, seeds)
+        return prompts, self.engines.submit([p.request for p in prompts], self.alg.n_samples,
+                                            r.temperature, r.top_p, r.max_new_tokens, seeds)
 
     def generate(self, prompts, n: int, temperature: float, seeds=None):
         """n completions per prompt, in prompt order (rl/rollout_group.py splits them over the
@@ -232,8 +232,9 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[RolloutBatch, int]:
         """The step's batch (waiting for it when started earlier) and its staleness."""
-        prompts, _ = self.step_prompts(step)
-        completions, staleness = self.rollouts.take(step)
+        prompts, completions, staleness = self.rollouts.take(step)
+        if prompts is None:  # started before a resume: encoded again, not kept in the checkpoint
+            prompts, _ = self.step_prompts(step)
         return collate_rollouts(prompts, completions, self.tok.pad_token_id), staleness
 
     def reward(self, batch: RolloutBatch, texts: list[str]) -> dict:

@@ -8,6 +8,7 @@ gradient does not depend on how the minibatch is split across ranks and micro-ba
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,8 @@ def policy_loss(
         }
         if is_weight is not None:
             # tokens the correction changed: truncated (ρ > c) or dropped (ρ outside [1/c, c])
-            rho = torch.exp((old_logprobs - sampler_logprobs).clamp(-20, 20))
-            changed = (is_weight != rho) if cfg.tis_mode == "truncate" else (is_weight == 0)
+            changed = ((old_logprobs - sampler_logprobs > math.log(cfg.tis_cap))
+                       if cfg.tis_mode == "truncate" else is_weight == 0)
             metrics["is_weight_mean"] = ((is_weight * mask_f).sum() / n_tok).item()
             metrics["is_corrected_frac"] = ((changed.to(mask_f.dtype) * mask_f).sum() / n_tok).item()
         if kl is not None:
