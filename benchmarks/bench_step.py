@@ -3,6 +3,8 @@ the same vLLM engine called directly — in one invocation, one after another, a
 
     python benchmarks/bench_step.py                 # defaults: the README's default run
     python benchmarks/bench_step.py --steps 5 --warmup 2 --skip-trl
+    python benchmarks/bench_step.py --skip-trl --skip-vllm \
+        --baseline "learner.torch_threads=1 learner.padding_free=false"   # vs the issue-12 start
 
 Same work on both sides: the cold-start checkpoint of the default config (built or reused from
 cache_dir), the same prompts in the same order (the task's training stream), group size,
@@ -51,34 +53,44 @@ def median(xs: list[float]) -> float:
 
 
 # --- ours ----------------------------------------------------------------------------------------
-def run_ours(cfg, warmup: int, steps: int) -> dict:
-    """Our trainer's step, `warmup + steps` times (no eval, no checkpoint in between)."""
+def run_ours(cfgs: dict, warmup: int, steps: int) -> dict:
+    """Our trainer's step for each config (name → config), the configs in turn step by step,
+    `warmup + steps` times (no eval, no checkpoint in between): a change of the host's speed
+    during the run hits every config alike. Returns name → figures."""
     from rl.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainers = {}
     try:
-        rows = []
+        for name, cfg in cfgs.items():
+            trainers[name] = Trainer(cfg)
+        rows = {name: [] for name in cfgs}
         for step in range(warmup + steps):
-            m = trainer.train_step(step)
-            rows.append(m)
-        measured = rows[warmup:]
-        prompts = [trainer.encode(trainer_samples(trainer, s)) for s in range(warmup + steps)]
-        out = {f"{s}_s": median([m[f"time/{s}_s"] for m in measured]) for s in STAGES}
-        out["step_s"] = median([m["time/step_s"] for m in measured])
-        out["response_tokens"] = median([m["rollout/response_len"] for m in measured]) * \
-            cfg.algorithm.prompts_per_step * cfg.algorithm.n_samples
-        out["total_tokens"] = out["response_tokens"] + cfg.algorithm.n_samples * median(
-            [float(sum(len(p.ids) for p in ps)) for ps in prompts[warmup:]])
-        out["policy"] = trainer.policy_init
-        out["prompts"] = prompts
-        out["seeds"] = [[seed_of(cfg, s, i) for i in range(len(prompts[s]))]
-                        for s in range(warmup + steps)]
-        return out
+            order = list(trainers) if step % 2 == 0 else list(trainers)[::-1]  # no one always first
+            for name in order:
+                rows[name].append(trainers[name].train_step(step))
+        return {name: summarise(trainers[name], cfgs[name], rows[name][warmup:], warmup + steps)
+                for name in cfgs}
     finally:
-        trainer.close()
+        for trainer in trainers.values():
+            trainer.close()
         import ray
 
         ray.shutdown()
+
+
+def summarise(trainer, cfg, measured: list[dict], n_steps: int) -> dict:
+    prompts = [trainer.encode(trainer_samples(trainer, s)) for s in range(n_steps)]
+    warmup = n_steps - len(measured)
+    out = {f"{s}_s": median([m[f"time/{s}_s"] for m in measured]) for s in STAGES}
+    out["step_s"] = median([m["time/step_s"] for m in measured])
+    out["response_tokens"] = median([m["rollout/response_len"] for m in measured]) * \
+        cfg.algorithm.prompts_per_step * cfg.algorithm.n_samples
+    out["total_tokens"] = out["response_tokens"] + cfg.algorithm.n_samples * median(
+        [float(sum(len(p.ids) for p in ps)) for ps in prompts[warmup:]])
+    out["policy"] = trainer.policy_init
+    out["prompts"] = prompts
+    out["seeds"] = [[seed_of(cfg, s, i) for i in range(len(prompts[s]))] for s in range(n_steps)]
+    return out
 
 
 def trainer_samples(trainer, step: int):
@@ -97,10 +109,9 @@ def seed_of(cfg, step: int, i: int) -> int:
 # --- the same vLLM engine, called directly --------------------------------------------------------
 def run_standalone_vllm(cfg, policy: str, prompts: list, seeds: list, warmup: int) -> float:
     """vllm.LLM.generate on each step's prompts, in this process (no Ray, no actor), built
-    with our engine's arguments (rollout/vllm_engine.py), with the same sampling parameters
-    and per-prompt seeds. Median seconds per step after warm-up."""
-    from vllm import SamplingParams
-
+    with our engine's arguments and sampling parameters (rollout/vllm_engine.py: logprobs, no
+    detokenizing, allowed tokens) and the same per-prompt seeds. Median seconds per step after
+    warm-up."""
     from rl.runtime import engine_config
     from rollout.vllm_engine import VLLMEngine, engine_prompt
 
@@ -108,8 +119,8 @@ def run_standalone_vllm(cfg, policy: str, prompts: list, seeds: list, warmup: in
     r, a = cfg.rollout, cfg.algorithm
     times = []
     for ps, ss in zip(prompts, seeds):
-        params = [SamplingParams(n=a.n_samples, temperature=r.temperature, top_p=r.top_p,
-                                 max_tokens=r.max_new_tokens, logprobs=0, seed=s) for s in ss]
+        params = engine.sampling_params(a.n_samples, r.temperature, r.top_p, r.max_new_tokens,
+                                        len(ps), ss)
         t0 = time.perf_counter()
         engine.llm.generate([engine_prompt(p.request) for p in ps], params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
@@ -193,7 +204,8 @@ class Timings:
 
 
 # --- report --------------------------------------------------------------------------------------
-def report(ours: dict, trl: dict | None, standalone: float | None, cfg, args) -> str:
+def report(ours: dict, trl: dict | None, standalone: float | None, cfg, args,
+           base: dict | None = None) -> str:
     a = cfg.algorithm
     resp, total = ours["response_tokens"], ours["total_tokens"]
     tokens = {"rollout": resp, "reward": resp, "score": total, "update": total * a.epochs,
@@ -204,7 +216,8 @@ def report(ours: dict, trl: dict | None, standalone: float | None, cfg, args) ->
              f"{a.prompts_per_step * a.n_samples // a.minibatch_size * a.epochs} optimizer steps; "
              f"median of {args.steps} steps after {args.warmup} warm-up",
              "", f"{'stage':<10}{'ours s':>10}{'ours tok/s':>13}"
-             + (f"{'TRL s':>10}{'TRL tok/s':>12}{'ours/TRL':>10}" if trl else "")]
+             + (f"{'TRL s':>10}{'TRL tok/s':>12}{'ours/TRL':>10}" if trl else "")
+             + (f"{'base s':>10}{'base/ours':>11}" if base else "")]
     for s in (*STAGES, "step"):
         o = ours[f"{s}_s"]
         n = tokens[s]
@@ -213,11 +226,17 @@ def report(ours: dict, trl: dict | None, standalone: float | None, cfg, args) ->
             t = trl[f"{s}_s"]
             row += (f"{t:>10.3f}{(n / t if n and t else float('nan')):>12,.0f}"
                     f"{(o / t if t else float('nan')):>10.2f}")
+        if base:
+            b = base[f"{s}_s"]
+            row += f"{b:>10.3f}{(b / o if o else float('nan')):>10.2f}×"
         lines.append(row)
     if trl:
         lines.append(f"TRL: transformers.generate in-process, torch threads {trl['threads']}; its "
                      "'score' = the old-logprob forward inside _generate_and_score_completions, "
                      "'update' = the optimizer steps; no weight sync (one process)")
+    if base:
+        lines.append(f"base: ours with {args.baseline!r}, its steps in turn with ours; "
+                     "base/ours > 1: ours is faster")
     if standalone is not None:
         lines += ["", f"rollout: ours {ours['rollout_s']:.3f} s vs the same vLLM engine called "
                       f"directly {standalone:.3f} s → ours at {standalone / ours['rollout_s']:.2f}× "
@@ -233,14 +252,22 @@ def main() -> int:
                     help="torch threads for TRL (default: torch's own, the cores)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--baseline", default="",
+                    help="also run ours with these extra Hydra overrides (space-separated), "
+                         "its steps in turn with ours, and print the speed-up per stage")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both sides")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose(["logger=none", "logger.progress=false", f"output_dir={tmp}/ours",
-                       *args.overrides])
+        common = ["logger=none", "logger.progress=false", *args.overrides]
+        cfg = compose([*common, f"output_dir={tmp}/ours"])
+        cfgs = {"ours": cfg}
+        if args.baseline:
+            cfgs["base"] = compose([*common, f"output_dir={tmp}/base", *args.baseline.split()])
         t0 = time.perf_counter()
-        ours = run_ours(cfg, args.warmup, args.steps)
-        print(f"ours: {time.perf_counter() - t0:.0f} s in all", flush=True)
+        runs = run_ours(cfgs, args.warmup, args.steps)
+        ours, base = runs["ours"], runs.get("base")
+        print(f"ours{' and baseline, step by step in turn' if base else ''}: "
+              f"{time.perf_counter() - t0:.0f} s in all", flush=True)
         standalone = None
         if not args.skip_vllm:
             standalone = run_standalone_vllm(cfg, ours["policy"], ours["prompts"], ours["seeds"],
@@ -254,7 +281,7 @@ def main() -> int:
                           args.trl_threads or torch.get_num_threads())
             print(f"TRL: {time.perf_counter() - t0:.0f} s in all", flush=True)
     print()
-    print(report(ours, trl, standalone, cfg, args))
+    print(report(ours, trl, standalone, cfg, args, base))
     return 0
 
 

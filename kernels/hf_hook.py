@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .api import attention, key_class_mass, resolve_impl
+from .varlen import packed_cu_seqlens, sdpa_forward
 
 ATTN_NAME = "kernels_stats"
 _default_impl = "auto"
@@ -58,23 +59,6 @@ def install(model, impl: str = "auto", plain: str = "kernels") -> None:
             m._kernels_plain = plain
 
 
-def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
-    """transformers' SDPA with a 4D bool mask built from the 2D padding mask."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None and attention_mask.dim() == 2:
-        q_len, kv_len = query.shape[2], key.shape[2]
-        causal = kwargs.get("is_causal")
-        if causal is None:  # transformers passes is_causal=None for "the module decides"
-            causal = getattr(module, "is_causal", True)
-        m = attention_mask[:, None, None, -kv_len:].bool()
-        if causal:
-            i = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-            m = m & (torch.arange(kv_len, device=query.device)[None, :] <= i)
-        attention_mask = m
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
 def stats_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -94,7 +78,7 @@ def stats_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     if not causal or q_len != kv_len or (attention_mask is not None and attention_mask.dim() != 2):
-        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal=is_causal,
+        return sdpa_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal=is_causal,
                               **kwargs)
     if sliding_window is not None:
         raise NotImplementedError("kernels attention: sliding-window layers are not supported")
@@ -107,11 +91,11 @@ def stats_attention_forward(
     # original forward's statistics stand (and its deferred FAI is what the backward fills)
     recording = cap is not None and cap.selects(layer) and not _in_backward()
     if not recording and getattr(module, "_kernels_plain", "kernels") == "sdpa":
-        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal=is_causal,
+        return sdpa_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal=is_causal,
                               **kwargs)
     impl = cap.impl if cap is not None else _default_impl
 
-    cu = _packed_cu_seqlens(query, attention_mask, kwargs)
+    cu = packed_cu_seqlens(query, attention_mask, kwargs)
     if cu is not None:  # padding-free packing: [1, H, T, d] -> [T, H, d]
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         kw = {"cu_seqlens": cu}
@@ -132,23 +116,3 @@ def stats_attention_forward(
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
-
-
-def _packed_cu_seqlens(query: Tensor, attention_mask: Tensor | None, kwargs: dict) -> Tensor | None:
-    """cu_seqlens when the batch is padding-free packed (B = 1), else None. As in
-    transformers, position_ids count as packing only when there is no padding mask (a
-    left-padded single row has non-increasing position_ids too)."""
-    if query.shape[0] != 1:
-        return None
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        return cu
-    pos = kwargs.get("position_ids")
-    if pos is None or attention_mask is not None:
-        return None
-    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
-
-    if not _is_packed_sequence(pos, 1):
-        return None
-    (cu, _), _ = prepare_fa_kwargs_from_position_ids(pos)
-    return cu

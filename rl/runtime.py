@@ -140,7 +140,8 @@ def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
         backend=lc.backend, seed=cfg.seed, attention=learner_attention(cfg), attn_impl=lc.attn_impl,
         plain_attention=lc.plain_attention,
         stats_layers=lc.stats_layers, collective_timeout_s=cfg.cluster.call_timeout_s,
-        offload_between_updates=lc.offload_between_updates, compile=lc.compile)
+        offload_between_updates=lc.offload_between_updates, compile=lc.compile,
+        padding_free=lc.padding_free)
     return with_accum(base, minibatch_size, lc.num_ranks)
 
 

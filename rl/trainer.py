@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT = "rollouts_in_flight.json"  # async mode: batches started before the checkpoint
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages",
-              "sampler_logprobs", "ref_logprobs", "pixel_values", "image_grid_thw")
+              "sampler_logprobs", "ref_logprobs", "pixel_values", "image_grid_thw",
+              "group_ids")  # a group's rows share their prompt: packed forwards store it once
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -276,7 +277,8 @@ class Trainer:
         """Old logprobs and entropy — and, when credit or AVAR read them, the attention
         statistics — from one no-grad forward of the current policy. Returns AVAR's key-class
         masses ({layer: [B, H, T, 2]}) or None."""
-        t = {**batch.model_inputs(), "response_mask": batch.response_mask}
+        t = {**batch.model_inputs(), "response_mask": batch.response_mask,
+             "group_ids": batch.group_ids}
         plan = self.stats_plan
         if plan.vars_on:
             t["key_classes"] = plan.avar.key_classes(batch)

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.varlen import install_sdpa
 from rl.algorithms.losses import distill_loss, policy_loss, sft_loss
 from rl.engine.base import TrainEngine
 from rl.engine.frozen import (FrozenModel, input_grad_norms, load_model, logits_of,
                               next_token_logprobs, topk_logprobs)
+from rl.engine.packing import is_right_padded, packed_token_logprobs, packing_error
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ class DSEngineConfig:
     # torch.compile the policy (inductor, dynamic shapes): fused kernels for its forwards and
     # backwards, paid for once by a compile at the first forward of each kind
     compile: bool = False
+    # Forwards on packed rows (several sequences per row, no padding; rl/engine/packing.py)
+    # instead of right-padded ones; with attention "sdpa" and text-only batches
+    padding_free: bool = True
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
@@ -109,6 +114,12 @@ class DeepSpeedEngine(TrainEngine):
             install(model, impl=cfg.attn_impl, plain=cfg.plain_attention)
         elif cfg.attention != "sdpa":
             raise ValueError(f"attention must be 'sdpa' or 'kernels', got {cfg.attention!r}")
+        # text models only: a vision-language batch keeps its rows (image positions are per row)
+        self.padding_free = (cfg.padding_free and cfg.attention == "sdpa"
+                             and getattr(model.config, "vision_config", None) is None)
+        if self.padding_free:  # SDPA that also takes packed rows (padded ones as before)
+            install_sdpa(model)
+        self.packing_checked = False
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum_steps,
@@ -135,6 +146,8 @@ class DeepSpeedEngine(TrainEngine):
         self.ref = None
         if cfg.ref_model_path:
             self.ref = load_model(cfg.ref_model_path, dtype)
+            if self.padding_free:
+                install_sdpa(self.ref)
             self.ref.to(self.device).eval().requires_grad_(False)
         self.teacher = (FrozenModel(cfg.teacher_model_path, cfg.dtype, str(self.device),
                                     vocab_size=model.config.vocab_size)
@@ -145,7 +158,40 @@ class DeepSpeedEngine(TrainEngine):
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def _forward(self, model, b, temperature, with_entropy=True):
+        """Per-token logprobs (and entropy) of a batch: from packed rows when they apply."""
+        if self._packs(model, b, temperature):
+            return packed_token_logprobs(model, b["input_ids"], b["attention_mask"], temperature,
+                                         with_entropy, b.get("group_ids"))
         return token_logprobs(logits_of(model, b), b["input_ids"], temperature, with_entropy)
+
+    def _packs(self, model, b, temperature) -> bool:
+        if (not self.padding_free or "pixel_values" in b
+                or not is_right_padded(b["attention_mask"])):
+            return False
+        if not self.packing_checked:
+            self.packing_checked = True
+            self.padding_free = self._packing_matches(model, b, temperature)
+        return self.padding_free
+
+    def _packing_matches(self, model, b, temperature) -> bool:
+        """Once, on the first batch: packed and padded rows give the same logprobs. A model
+        whose attention mask ignores packed position ids would let sequences see each other;
+        it then keeps padded rows (slower, never wrong)."""
+        try:
+            diff = packing_error(model, b["input_ids"], b["attention_mask"], temperature,
+                                 b.get("group_ids"))
+        except Exception as e:  # noqa: BLE001 — a forward that refuses the packed arguments
+            log.warning("padding_free: this model refuses packed rows (%s); forwards keep "
+                        "padded rows", e)
+            return False
+        tol = 1e-3 if self.cfg.dtype == "float32" else 0.1
+        if diff > tol:
+            log.warning("padding_free: packed rows change this model's logprobs (max |Δ| = "
+                        "%.3g > %g); forwards keep padded rows", diff, tol)
+            return False
+        log.info("padding_free: packed rows checked against padded ones (max |Δ| logprob %.2g)",
+                 diff)
+        return True
 
     @torch.no_grad()
     def score(self, batch, temperature=1.0, stats: dict | None = None):
@@ -283,12 +329,15 @@ class DeepSpeedEngine(TrainEngine):
         if loss == "sft" and loss_cfg is not None:
             return self._agto_loss(b, loss_cfg, normaliser, temperature)
         if loss == "sft":
-            lp, _ = token_logprobs(logits_of(self.engine, b), b["input_ids"], temperature, False)
+            lp, _ = self._forward(self.engine, b, temperature, with_entropy=False)
             return sft_loss(lp, b["response_mask"], normaliser), {}
         kd = {k[3:]: v for k, v in b.items() if k.startswith("kd_") and k != "kd_normaliser"}
-        logits, kd_logits = self._joint_logits(b, kd) if kd else (logits_of(self.engine, b), None)
         need_ent = loss_cfg.entropy_coef > 0
-        lp, ent = token_logprobs(logits, b["input_ids"], temperature, need_ent)
+        if kd:
+            logits, kd_logits = self._joint_logits(b, kd)
+            lp, ent = token_logprobs(logits, b["input_ids"], temperature, need_ent)
+        else:
+            lp, ent = self._forward(self.engine, b, temperature, need_ent)
         value, metrics = policy_loss(lp, b["old_logprobs"], b["advantages"], b["response_mask"],
                                      loss_cfg, normaliser,
                                      sampler_logprobs=b.get("sampler_logprobs"),
