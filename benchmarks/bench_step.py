@@ -1,5 +1,7 @@
 """One RL step, ours against TRL's GRPOTrainer on the same work, and our rollout stage against
-the same vLLM engine called directly — in one invocation, one after another, alone.
+the same vLLM engine called directly — in one invocation, alone. Ours, the direct engine (and
+a --baseline config of ours) run step by step in turn, so that the host's speed changes hit
+them alike; TRL runs afterwards (its trainer runs all its steps in one call).
 
     python benchmarks/bench_step.py                 # defaults: the README's default run
     python benchmarks/bench_step.py --steps 5 --warmup 2 --skip-trl
@@ -53,23 +55,34 @@ def median(xs: list[float]) -> float:
 
 
 # --- ours ----------------------------------------------------------------------------------------
-def run_ours(cfgs: dict, warmup: int, steps: int) -> dict:
+def run_ours(cfgs: dict, warmup: int, steps: int, direct: bool = True) -> dict:
     """Our trainer's step for each config (name → config), the configs in turn step by step,
-    `warmup + steps` times (no eval, no checkpoint in between): a change of the host's speed
-    during the run hits every config alike. Returns name → figures."""
+    `warmup + steps` times (no eval, no checkpoint in between); with `direct`, after each step
+    also the first config's generation by the same vLLM engine called directly (`Direct`). A
+    change of the host's speed during the run then hits every side alike. Returns name →
+    figures, and "direct_s"."""
     from rl.trainer import Trainer
 
-    trainers = {}
+    trainers, engine = {}, None
     try:
         for name, cfg in cfgs.items():
             trainers[name] = Trainer(cfg)
+        first, cfg0 = next(iter(trainers.values())), next(iter(cfgs.values()))
+        engine = Direct(cfg0, first.policy_init) if direct else None
         rows = {name: [] for name in cfgs}
+        direct_s = []
         for step in range(warmup + steps):
             order = list(trainers) if step % 2 == 0 else list(trainers)[::-1]  # no one always first
             for name in order:
                 rows[name].append(trainers[name].train_step(step))
-        return {name: summarise(trainers[name], cfgs[name], rows[name][warmup:], warmup + steps)
-                for name in cfgs}
+            if engine:
+                prompts = first.encode(trainer_samples(first, step))
+                direct_s.append(engine.generate(prompts, [seed_of(cfg0, step, i)
+                                                          for i in range(len(prompts))]))
+        out = {name: summarise(trainers[name], cfgs[name], rows[name][warmup:], warmup + steps)
+               for name in cfgs}
+        out["direct_s"] = median(direct_s[warmup:]) if engine else None
+        return out
     finally:
         for trainer in trainers.values():
             trainer.close()
@@ -89,7 +102,6 @@ def summarise(trainer, cfg, measured: list[dict], n_steps: int) -> dict:
         [float(sum(len(p.ids) for p in ps)) for ps in prompts[warmup:]])
     out["policy"] = trainer.policy_init
     out["prompts"] = prompts
-    out["seeds"] = [[seed_of(cfg, s, i) for i in range(len(prompts[s]))] for s in range(n_steps)]
     return out
 
 
@@ -107,25 +119,28 @@ def seed_of(cfg, step: int, i: int) -> int:
 
 
 # --- the same vLLM engine, called directly --------------------------------------------------------
-def run_standalone_vllm(cfg, policy: str, prompts: list, seeds: list, warmup: int) -> float:
-    """vllm.LLM.generate on each step's prompts, in this process (no Ray, no actor), built
-    with our engine's arguments and sampling parameters (rollout/vllm_engine.py: logprobs, no
-    detokenizing, allowed tokens) and the same per-prompt seeds. Median seconds per step after
-    warm-up."""
-    from rl.runtime import engine_config
-    from rollout.vllm_engine import VLLMEngine, engine_prompt
+class Direct:
+    """vllm.LLM.generate in this process (no Ray, no actor), built with our engine's arguments
+    and sampling parameters (rollout/vllm_engine.py: logprobs, no detokenizing, allowed
+    tokens), on a step's prompts with the same per-prompt seeds."""
 
-    engine = VLLMEngine(engine_config(cfg, policy, cfg.seed))
-    r, a = cfg.rollout, cfg.algorithm
-    times = []
-    for ps, ss in zip(prompts, seeds):
-        params = engine.sampling_params(a.n_samples, r.temperature, r.top_p, r.max_new_tokens,
-                                        len(ps), ss)
+    def __init__(self, cfg, policy: str):
+        from rl.runtime import engine_config
+        from rollout.vllm_engine import VLLMEngine
+
+        self.engine = VLLMEngine(engine_config(cfg, policy, cfg.seed))
+        self.cfg = cfg
+
+    def generate(self, prompts: list, seeds: list[int]) -> float:
+        from rollout.vllm_engine import engine_prompt
+
+        r, a = self.cfg.rollout, self.cfg.algorithm
+        params = self.engine.sampling_params(a.n_samples, r.temperature, r.top_p,
+                                             r.max_new_tokens, len(prompts), seeds)
         t0 = time.perf_counter()
-        engine.llm.generate([engine_prompt(p.request) for p in ps], params, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
-    del engine
-    return median(times[warmup:])
+        self.engine.llm.generate([engine_prompt(p.request) for p in prompts], params,
+                                 use_tqdm=False)
+        return time.perf_counter() - t0
 
 
 # --- TRL -----------------------------------------------------------------------------------------
@@ -264,14 +279,11 @@ def main() -> int:
         if args.baseline:
             cfgs["base"] = compose([*common, f"output_dir={tmp}/base", *args.baseline.split()])
         t0 = time.perf_counter()
-        runs = run_ours(cfgs, args.warmup, args.steps)
-        ours, base = runs["ours"], runs.get("base")
-        print(f"ours{' and baseline, step by step in turn' if base else ''}: "
+        runs = run_ours(cfgs, args.warmup, args.steps, direct=not args.skip_vllm)
+        ours, base, standalone = runs["ours"], runs.get("base"), runs["direct_s"]
+        print(f"ours{', the baseline' if base else ''}"
+              f"{' and vLLM called directly' if standalone else ''}, step by step in turn: "
               f"{time.perf_counter() - t0:.0f} s in all", flush=True)
-        standalone = None
-        if not args.skip_vllm:
-            standalone = run_standalone_vllm(cfg, ours["policy"], ours["prompts"], ours["seeds"],
-                                             args.warmup)
         trl = None
         if not args.skip_trl:
             import torch

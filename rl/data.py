@@ -6,6 +6,8 @@ with the ids the engines and the learner see.
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 import torch
@@ -104,10 +106,12 @@ def check_prompt_lengths(prompts: list[EncodedPrompt], max_model_len: int) -> No
 
 
 def pad_rows(rows: list[list], value, dtype) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    """Right-padded [len(rows), longest] (one tensor built from all values: a tensor per row
+    cost ~20 ms per 256-response step)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    out = torch.full((len(rows), int(lengths.max())), value, dtype=dtype)
+    out[torch.arange(out.shape[1]) < lengths[:, None]] = torch.tensor(
+        list(itertools.chain.from_iterable(rows)), dtype=dtype)
     return out
 
 
