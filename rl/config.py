@@ -246,9 +246,10 @@ class LearnerConfig:
     # and backwards ~1.5x faster on CPU, after a compile of ~35 s (2 cores) at the first update
     # and the first scoring forward of every learner start
     compile: bool = False
-    # Forwards on packed rows: the batch's sequences back to back, no padding, a block-causal
-    # mask from restarting position ids (rl/engine/packing.py; checked against padded rows on
-    # the first batch). Text batches with learner.attention sdpa; false = right-padded rows
+    # Forwards on packed rows: the batch's real tokens in one row, a GRPO group's shared prefix
+    # once, attention per sequence (rl/engine/packing.py, kernels/varlen.py; checked against
+    # padded rows on a small batch at start). Text batches with learner.attention sdpa;
+    # false = right-padded rows
     padding_free: bool = True
 
 

@@ -72,8 +72,8 @@ class DSEngineConfig:
     # torch.compile the policy (inductor, dynamic shapes): fused kernels for its forwards and
     # backwards, paid for once by a compile at the first forward of each kind
     compile: bool = False
-    # Forwards on packed rows (several sequences per row, no padding; rl/engine/packing.py)
-    # instead of right-padded ones; with attention "sdpa" and text-only batches
+    # Forwards on one packed row of real tokens, each group's shared prefix once
+    # (rl/engine/packing.py) instead of right-padded rows; attention "sdpa", text models
     padding_free: bool = True
 
 
@@ -119,7 +119,6 @@ class DeepSpeedEngine(TrainEngine):
                              and getattr(model.config, "vision_config", None) is None)
         if self.padding_free:  # SDPA that also takes packed rows (padded ones as before)
             install_sdpa(model)
-        self.packing_checked = False
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum_steps,
@@ -140,6 +139,7 @@ class DeepSpeedEngine(TrainEngine):
             args=args, model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
         self.device = self.engine.device
+        self.padding_free = self.padding_free and self._packing_matches()
         if cfg.compile:  # in place: parameter names, hooks and checkpoints stay the model's own
             self.engine.module.compile(dynamic=True)
         self.offloaded = False
@@ -159,27 +159,29 @@ class DeepSpeedEngine(TrainEngine):
 
     def _forward(self, model, b, temperature, with_entropy=True):
         """Per-token logprobs (and entropy) of a batch: from packed rows when they apply."""
-        if self._packs(model, b, temperature):
+        if self._packs(b):
             return packed_token_logprobs(model, b["input_ids"], b["attention_mask"], temperature,
                                          with_entropy, b.get("group_ids"))
         return token_logprobs(logits_of(model, b), b["input_ids"], temperature, with_entropy)
 
-    def _packs(self, model, b, temperature) -> bool:
-        if (not self.padding_free or "pixel_values" in b
-                or not is_right_padded(b["attention_mask"])):
-            return False
-        if not self.packing_checked:
-            self.packing_checked = True
-            self.padding_free = self._packing_matches(model, b, temperature)
-        return self.padding_free
+    def _packs(self, b) -> bool:
+        return (self.padding_free and "pixel_values" not in b
+                and is_right_padded(b["attention_mask"]))
 
-    def _packing_matches(self, model, b, temperature) -> bool:
-        """Once, on the first batch: packed and padded rows give the same logprobs. A model
-        whose attention mask ignores packed position ids would let sequences see each other;
-        it then keeps padded rows (slower, never wrong)."""
+    def _packing_matches(self) -> bool:
+        """Once, at start, on a small fixed batch (the same on every rank: under ZeRO-3 the
+        forwards are collective): packed and padded rows give the same logprobs. A model whose
+        attention ignores the packing would let sequences see each other; it then keeps padded
+        rows (slower, never wrong)."""
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.tensor([7, 4, 9, 6])
+        ids = torch.randint(0, self._module().config.vocab_size, (4, 9), generator=g)
+        ids[1, :3] = ids[0, :3]  # rows 0 and 1: one group sharing three tokens
+        mask = torch.arange(9) < lengths[:, None]
+        self.engine.eval()
         try:
-            diff = packing_error(model, b["input_ids"], b["attention_mask"], temperature,
-                                 b.get("group_ids"))
+            diff = packing_error(self.engine, ids.to(self.device), mask.to(self.device),
+                                 group_ids=torch.tensor([0, 0, 1, 1], device=self.device))
         except Exception as e:  # noqa: BLE001 — a forward that refuses the packed arguments
             log.warning("padding_free: this model refuses packed rows (%s); forwards keep "
                         "padded rows", e)

@@ -8,8 +8,8 @@ first response tokens), so it is packed once and every row reads it — on the d
 another ~25% of the tokens, more for long prompts. Position ids keep each token's place in its
 sequence, and the attention (`kernels.varlen`, installed by the engine) gets each sequence as
 a row again through a `Repad` index: every token's logits are those of the padded forward, up
-to float summation order. The engine checks that once on its first batch (`packing_error`) and
-keeps padded rows for a model where it does not hold.
+to float summation order. The engine checks that once at start on a small batch
+(`packing_error`) and keeps padded rows for a model where it does not hold.
 
 Only per-token log-probs leave the packed layout ([B, T] again): the [N, vocab] logits are
 never unpacked to [B, T, vocab], which matters for 150k-token vocabularies.

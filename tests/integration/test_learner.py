@@ -35,6 +35,25 @@ def sft_batch():
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 
+def test_a_rank_packs_rows_and_scores_like_the_stock_padded_forward(learner, tiny_model_dir):
+    """learner.padding_free (the default): the rank's start-up check passed, so it packs; its
+    logprobs and entropy of a batch whose groups share prefixes equal transformers' own padded
+    forward of the same (still initial) weights."""
+    from rl.engine.deepspeed_engine import token_logprobs
+    from rl.engine.frozen import load_model, logits_of
+
+    assert learner._all("__getattribute__", "padding_free") == [True]
+    b = sft_batch()
+    b["group_ids"] = torch.tensor([0, 0, 1, 1])  # rows share "Add.\n" (and more within a group)
+    out = learner.score(b, 0.9)
+    stock = load_model(tiny_model_dir, "float32")
+    with torch.no_grad():
+        lp, ent = token_logprobs(logits_of(stock, b), b["input_ids"], 0.9)
+    m = b["attention_mask"]
+    assert (out["logprobs"] - lp)[m].abs().max() < 1e-5
+    assert (out["entropy"] - ent)[m].abs().max() < 1e-5
+
+
 def test_deepspeed_steps_lower_the_loss(learner):
     b = sft_batch()
     losses = [learner.train_minibatch(b, "sft", None, "token_mean")["loss"] for _ in range(6)]
