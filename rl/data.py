@@ -7,7 +7,6 @@ with the ids the engines and the learner see.
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass
 
 import torch

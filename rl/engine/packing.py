@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.varlen import Repad
-from rl.engine.frozen import logits_of
+from rl.engine.frozen import logits_of, next_token_logprobs
 
 
 @dataclass
@@ -96,8 +96,6 @@ def packing_error(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     other)."""
     packed, _ = packed_token_logprobs(model, input_ids, attention_mask, temperature, False,
                                       group_ids)
-    logp = F.log_softmax(logits_of(model, {"input_ids": input_ids,
-                                           "attention_mask": attention_mask})[:, :-1].float()
-                         / temperature, dim=-1)
-    padded = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return float(((packed[:, 1:] - padded).abs() * attention_mask[:, 1:]).max())
+    logits = logits_of(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    padded = next_token_logprobs(logits, temperature).gather(-1, input_ids[..., None]).squeeze(-1)
+    return float(((packed - padded).abs() * attention_mask).max())
