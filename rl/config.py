@@ -183,8 +183,10 @@ class RolloutConfig:
     max_new_tokens: int = 64
     max_model_len: int = 256
     enforce_eager: bool = True
-    # On CPU this is a share of the host RAM that vLLM reserves for its KV cache.
-    gpu_memory_utilization: float = 0.1
+    # The share of its device's memory an engine takes for weights + KV cache; None = the
+    # per-device default (rollout/vllm_engine.py memory_utilization): 0.1 of host RAM on CPU,
+    # 0.9 of a GPU of its own, 0.7 × its share of a GPU it shares with the learner.
+    gpu_memory_utilization: Optional[float] = None
     num_cpus_per_engine: float = 0.5
     eval_temperature: float = 0.0     # 0 = greedy held-out evaluation
     eval_samples: int = 4             # sampled responses per held-out problem (0 = skip)
@@ -398,7 +400,8 @@ def check_sizes(cfg) -> None:
         if value is not None and value < 1:
             raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)}: must be >= 1")
     for key in ABOVE_ZERO:
-        if not OmegaConf.select(cfg, key) > 0:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not value > 0:
             raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)}: must be > 0")
     for key in NOT_NEGATIVE:
         value = OmegaConf.select(cfg, key)
@@ -410,7 +413,7 @@ def check_sizes(cfg) -> None:
                 raise ValueError(f"config key {key}.{name}={amount}: custom Ray resources must "
                                  "be > 0 and not CPU/GPU (use num_cpus_*/num_gpus_*)")
     r = cfg.rollout
-    if r.top_p > 1 or r.gpu_memory_utilization > 1:
+    if r.top_p > 1 or (r.gpu_memory_utilization or 0) > 1:
         raise ValueError(f"rollout.top_p={r.top_p} and rollout.gpu_memory_utilization="
                          f"{r.gpu_memory_utilization} must be in (0, 1]")
     if r.eval_temperature < 0 or r.eval_samples < 0:
@@ -476,9 +479,22 @@ def check_cluster(cfg) -> None:
         raise ValueError("learner.compile needs the stock attention (learner.attention sdpa: no "
                          "credit or AVAR reading attention statistics) and learner.zero_stage "
                          "0-2 (ZeRO-3 gathers parameters in hooks the compiled graph would skip)")
-    if cfg.learner.weight_transport == "ipc" and cfg.learner.num_ranks > 1:
+    lc = cfg.learner
+    if lc.weight_transport == "ipc" and lc.num_ranks > 1:
         raise ValueError("learner.weight_transport=ipc needs learner.num_ranks=1 (vLLM's IPC "
                          "sender gathers over the learner's process group); use nccl")
+    if lc.weight_transport == "ipc" and cfg.rollout.tensor_parallel_size > 1:
+        raise ValueError("learner.weight_transport=ipc reads the learner's GPU buffers from an "
+                         "engine on the same GPU; a tensor-parallel engine (rollout."
+                         f"tensor_parallel_size={cfg.rollout.tensor_parallel_size}) spans "
+                         "several: use nccl")
+    if (lc.num_ranks > 1 and lc.num_gpus_per_rank is not None and 0 < lc.num_gpus_per_rank < 1
+            and lc.backend != "gloo"):
+        raise ValueError(f"learner.num_gpus_per_rank={lc.num_gpus_per_rank} with "
+                         f"learner.num_ranks={lc.num_ranks}: Ray packs fractional GPUs, so ranks "
+                         "share a GPU, and NCCL refuses two ranks of one group on one GPU "
+                         "('Duplicate GPU detected'); give each rank a whole GPU, one rank, or "
+                         "learner.backend=gloo")
 
 
 def _agto_or_vars(cfg) -> bool:

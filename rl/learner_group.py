@@ -6,6 +6,7 @@ pushes rank 0's gathered weights to the rollout engines through a weight transpo
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
@@ -15,10 +16,11 @@ import ray
 import torch
 
 from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig
-from rl.placement import bundle, rank_env, rendezvous_port, reserve, where_am_i
+from rl.placement import bundle, kill_and_wait, rank_env, rendezvous_port, reserve, where_am_i
 from rl.remote_calls import LearnerFailure, get_all
 from rollout.weight_sync import WeightTransport, get_transport
 
+log = logging.getLogger(__name__)
 
 class LearnerWorker:
     """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
@@ -35,7 +37,11 @@ class LearnerWorker:
         return where_am_i()
 
     def call(self, method: str, *args, **kwargs):
-        return getattr(self.engine, method)(*args, **kwargs)
+        try:
+            return getattr(self.engine, method)(*args, **kwargs)
+        except torch.OutOfMemoryError as e:  # reaches the driver as the call's error: the run
+            e.add_note(out_of_memory_advice(self.rank, method))  # stops, it is not retried
+            raise
 
     def call_teacher(self, method: str, *args, **kwargs):
         """The colocated LeaF teacher (teacher.placement=colocated) of this rank."""
@@ -45,7 +51,9 @@ class LearnerWorker:
 
     def weights_payload(self, transport: WeightTransport):
         weights = list(self.engine.named_weights())  # all ranks gather (ZeRO-3)
-        return transport.pack(weights) if self.rank == 0 else None
+        payload = transport.pack(weights) if self.rank == 0 else None
+        release_cached_gpu_memory()
+        return payload
 
     def push_weights(self, transport: WeightTransport, engines: list, version: int) -> dict:
         """A collective transport (nccl, ipc): connect once (rank 0 to the engines), then every
@@ -53,7 +61,32 @@ class LearnerWorker:
         if self.sender is None:
             self.sender = transport
             self.sender.connect(engines if self.rank == 0 else [], self.rank)
-        return self.sender.send(self.engine.named_weights(), version)
+        out = self.sender.send(self.engine.named_weights(), version)
+        release_cached_gpu_memory()  # the send's buffers: the engine allocates its KV cache next
+        return out
+
+    def close_transport(self) -> None:
+        """Leave a collective transport's group (rank 0 also releases the engines' side), so
+        a later learner group can form a new one with the same engines."""
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
+
+
+def release_cached_gpu_memory() -> None:
+    """Hand the blocks PyTorch's caching allocator keeps back to the GPU: on a GPU shared with
+    a vLLM engine, memory this process merely caches is memory the engine cannot have."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_advice(rank: int, method: str) -> str:
+    """What to change when a learner rank runs out of GPU memory."""
+    return (f"learner rank {rank} ran out of GPU memory in {method}: lower "
+            "learner.micro_batch_size, turn on learner.gradient_checkpointing, raise "
+            "learner.zero_stage, or — sharing the GPU with an engine (experiment=debug_gpu) — "
+            "lower rollout.gpu_memory_utilization. The run stops here; `resume=true` continues "
+            "from the last checkpoint.")
 
 
 def rank_threads(sharers: int) -> int:
@@ -91,6 +124,7 @@ class LearnerGroup:
         self.workers = [ray.remote(LearnerWorker).options(**self.placement.options(r))
                         .remote(envs[r], cfg, torch_threads, cpu_groups) for r in range(num_ranks)]
         self._all("set_lr", cfg.lr)
+        self.procs = [(w["node_id"], w["pid"]) for w in self.where()]  # waited for at shutdown
         self.start_s = time.perf_counter() - t0
 
     # --- helpers -------------------------------------------------------------------------------
@@ -231,8 +265,15 @@ class LearnerGroup:
         return float(sum(self._all("optimizer_state_digest")))
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
+        """Close a collective transport's group, kill the ranks and return once their
+        processes have exited (so their GPU memory is free for what starts next)."""
+        if self.transport.collective and self.workers:
+            try:  # a dead rank 0 cannot close: the engines replace its group when one reconnects
+                get_all([w.close_transport.remote() for w in self.workers],
+                        min(self.call_timeout_s or 60.0, 60.0), "close transport")
+            except Exception as err:  # noqa: BLE001 — shutting down anyway
+                log.warning("learner shutdown: the weight transport did not close (%s)", err)
+        kill_and_wait(self.workers, self.procs)
         self.workers = []
         self.placement.release()
 

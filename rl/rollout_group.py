@@ -22,7 +22,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from rl.placement import bundle, reserve
+from rl.placement import bundle, kill_and_wait, reserve
 from rl.remote_calls import ActorFailure, get_all
 from rollout.vllm_engine import StaleWeights, VLLMEngine
 
@@ -205,7 +205,9 @@ class RolloutGroup:
         return {"colocate/sleep_s": max(o.get("sleep_s", 0.0) for o in outs)}
 
     def shutdown(self) -> None:
-        for e in self.engines:
-            ray.kill(e, no_restart=True)
+        """Kill the engines and return once their processes have exited (their GPU memory is
+        free for what starts next)."""
+        kill_and_wait(self.engines, [(node, pid) for node, pid
+                                     in zip(self.placement.node_ids, self.pids) if pid])
         self.engines = []
         self.placement.release()

@@ -80,11 +80,13 @@ def stage_session(cfg):
         ray.shutdown()
 
 
-def engine_config(cfg, model_path: str, seed: int) -> EngineConfig:
+def engine_config(cfg, model_path: str, seed: int, gpus: float = 0.0) -> EngineConfig:
+    """`gpus`: Ray's GPUs per engine (`engine_gpus`, once Ray is up)."""
     r = cfg.rollout
     return EngineConfig(
         model_path=model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
         enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+        gpu_share=gpus / r.tensor_parallel_size,
         seed=seed, chunked_prefill=r.chunked_prefill,
         max_num_batched_tokens=r.max_num_batched_tokens, max_num_seqs=r.max_num_seqs,
         tensor_parallel_size=r.tensor_parallel_size, sleep_level=r.sleep_level,
@@ -113,16 +115,19 @@ def learner_gpus(cfg) -> float:
 def start_engine(cfg, model_path: str, seed: int):
     """One engine outside the rollout group (warm-start checks, benchmarks)."""
     r = cfg.rollout
-    remote = ray.remote(num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus(cfg),
+    gpus = engine_gpus(cfg)
+    remote = ray.remote(num_cpus=r.num_cpus_per_engine, num_gpus=gpus,
                         resources=dict(r.resources_per_engine) or None)(VLLMEngine)
-    return remote.remote(engine_config(cfg, model_path, seed), "safetensors")
+    return remote.remote(engine_config(cfg, model_path, seed, gpus), "safetensors")
 
 
 def start_engines(cfg, model_path: str) -> RolloutGroup:
     """The rollout group: rollout.num_engines engines in one placement group."""
     r, c = cfg.rollout, cfg.cluster
-    return RolloutGroup([engine_config(cfg, model_path, cfg.seed + i) for i in range(r.num_engines)],
-                        transport=cfg.learner.weight_transport, num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus(cfg),
+    gpus = engine_gpus(cfg)
+    return RolloutGroup([engine_config(cfg, model_path, cfg.seed + i, gpus)
+                         for i in range(r.num_engines)],
+                        transport=cfg.learner.weight_transport, num_cpus=r.num_cpus_per_engine, num_gpus=gpus,
                         resources=dict(r.resources_per_engine), max_restarts=r.max_restarts,
                         call_timeout_s=c.call_timeout_s, placement_timeout_s=c.placement_timeout_s)
 
@@ -170,8 +175,8 @@ def write_placement(path: Path, ranks: list[dict], engines: list[dict]) -> None:
     folder, and one line each in the log."""
     path.write_text(json.dumps({"learner_ranks": ranks, "engines": engines}, indent=1))
     for r in ranks:
-        log.info("learner rank %s: node %s, GPUs %s, LOCAL_RANK %s of %s, MASTER_ADDR %s",
-                 r["rank"], r["node_id"][:8], r["gpu_ids"] or "none", r["local_rank"],
+        log.info("learner rank %s: node %s, GPUs %s, rank %s of %s on its node, MASTER_ADDR %s",
+                 r["rank"], r["node_id"][:8], r["gpu_ids"] or "none", r["node_local_rank"],
                  r["local_world_size"], r["master_addr"])
     for i, e in enumerate(engines):
         log.info("rollout engine %d: node %s, GPUs %s", i, e["node_id"][:8], e["gpu_ids"] or "none")

@@ -29,15 +29,17 @@ from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
 from rl.config import build_credit, check_config, check_layers
 from rl.credit.render import credit_html
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
+from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
 from rl.leaf.detect import records
 from rl.leaf.examples import distractor_labels
 from rl.leaf.online import OnlineLeaf
 from rl.leaf.warm_start import read_report, run_distill
-from rl.placement import check_shared_dirs
+from rl.placement import check_shared_dirs, check_transport_placement
 from rl.remote_calls import LearnerFailure
 from rl.rollout_group import Generation
 from rl.rollout_queue import RolloutQueue
-from rl.runtime import init_ray, start_engines, start_learner, write_placement
+from rl.runtime import (engine_gpus, init_ray, learner_gpus, start_engines, start_learner,
+                        write_placement)
 from rl.stop_signal import StopOnSignal
 from rl.scoring_plan import StatsPlan, num_layers
 from rl.tasks import get_task
@@ -112,17 +114,20 @@ class Trainer:
         self.teacher_path = teacher_path(cfg, Path(cfg.cache_dir), cfg.logger.progress) if leaf_on else None
 
         t0 = time.perf_counter()
-        self.engines = start_engines(cfg, self.policy_init)
+        shared = shares_gpu(learner_gpus(cfg), engine_gpus(cfg))
+        self.engines, (self.learner, self.teacher, self.online_leaf) = start_both(
+            lambda: start_engines(cfg, self.policy_init), self.start_learner_side, shared)
         self.rollouts = RolloutQueue(self.engines, self.start_rollouts, cfg.rollout.async_steps,
                                      cfg.steps)
         if cfg.rollout.async_steps and not self.alg.tis_cap:
             log.warning("rollout.async_steps=%d without algorithm.tis_cap: responses sampled up "
                         "to %d versions ago are trained on uncorrected", cfg.rollout.async_steps,
                         cfg.rollout.async_steps)
-        self.learner, self.teacher, self.online_leaf = self.start_learner_side()
-        engines_info = self.engines.ready()
+        self.engines_info = self.engines.ready()
         self.timings["actors_start_s"] = time.perf_counter() - t0
-        write_placement(self.out / "placement.json", self.learner.where(), engines_info)
+        ranks = self.learner.where()
+        write_placement(self.out / "placement.json", ranks, self.engines_info)
+        check_transport_placement(cfg.learner.weight_transport, ranks[0], self.engines_info)
 
         self.step = 0
         self.state: dict = {}
@@ -130,8 +135,9 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
             log.info("resumed from %s (step %d)", resume_from, self.step)
-        elif cfg.rollout.async_steps:  # v0 as a payload too: an engine restarted during a
-            self.sync_weights(0)       # generation started with v0 must be able to reload it
+        elif cfg.rollout.async_steps or shared:  # async: v0 as a payload too (an engine restarted
+            self.sync_weights(0)  # during a generation started with v0 reloads it); shared: the
+            # learner's state off the GPU, the sleeping engines woken with the policy's weights
         self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, self.out, run_config,
                                resume_step=self.step if resume_from is not None else None)
@@ -172,7 +178,9 @@ class Trainer:
         self.rollouts.restore(in_flight)
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        return self.engines.sync_from(self.learner, version)
+        """Policy `version` into the engines — after the learner's optimizer state has left a
+        GPU they share (rl/gpu_sharing.py; a no-op otherwise)."""
+        return to_engines(self.learner, self.engines, version)
 
     def recover_learner(self, err: LearnerFailure) -> None:
         """A learner rank died or hung: a new group, restored from the last checkpoint (or from
@@ -186,8 +194,11 @@ class Trainer:
                     "%s", self.failures, self.cfg.max_failures, self.step + 1, err,
                     ckpt or "the start of RL")
         t0 = time.perf_counter()
-        self.shutdown_learner_side()
+        self.shutdown_learner_side()  # returns once its ranks' processes have exited
+        to_learner(self.engines)  # a GPU shared with the engines: the new learner starts alone
         self.learner, self.teacher, self.online_leaf = self.start_learner_side()
+        check_transport_placement(self.cfg.learner.weight_transport, self.learner.where()[0],
+                                  self.engines_info)
         self.restore(ckpt)
         self.tracker.rewind(self.step)
         log.warning("learner group restarted, step %d restored and engines re-synced in %.1f s",
@@ -353,7 +364,7 @@ class Trainer:
         texts = self.decode_responses(batch)
         reward_metrics = timed("reward", self.reward, batch, texts)
         batch, kd, leaf_metrics = timed("leaf", self.leaf_terms, batch, step)
-        colocate = self.engines.sleep()  # the step's generation is done: GPU to the learner
+        colocate = to_learner(self.engines)  # the step's generation is done: GPU to the learner
         self.rollouts.prefetch(step)  # async: the engines sample the next steps meanwhile
         avar_mass = timed("score", self.score, batch)
         vars_metrics = timed("vars", self.visual_reward, batch, avar_mass)
@@ -361,8 +372,7 @@ class Trainer:
         times["time/credit_s"] = credit_metrics.pop("time_s")
         times["time/stats_s"] = self.last_stats_s
         train_metrics = timed("update", self.update, batch, step, kd)
-        sync = timed("sync", self.sync_weights, step + 1)
-        colocate.update(self.learner.offload())  # optimizer state out of the engine's way
+        sync = timed("sync", self.sync_weights, step + 1)  # (offloads the learner first)
         times["time/step_s"] = time.perf_counter() - t_step
         # What attention credit costs: the statistics pass inside the scoring forward plus γ.
         times["time/credit_share"] = (times["time/stats_s"] + times["time/credit_s"]) / times["time/step_s"]
@@ -492,8 +502,9 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         def write(tmp: Path) -> None:
-            self.learner.save(str(tmp / "ds"))
-            self.learner.export_hf(str(tmp / "hf"))
+            with learner_alone(self.learner, self.engines, step):  # the optimizer state is saved
+                self.learner.save(str(tmp / "ds"))
+                self.learner.export_hf(str(tmp / "hf"))
             (tmp / IN_FLIGHT).write_text(json.dumps(self.rollouts.in_flight()))
 
         self.state.update({"step": step, "seed": self.cfg.seed,

@@ -19,7 +19,12 @@ class EngineConfig:
     dtype: str = "float32"
     max_model_len: int = 256
     enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.1
+    # The share of the device's memory vLLM takes (weights + KV cache); None = the per-device
+    # default, `memory_utilization`.
+    gpu_memory_utilization: float | None = None
+    # The engine's share of each GPU it runs on (Ray's num_gpus ÷ tensor_parallel_size): 1 for
+    # a GPU of its own, 0.5 beside the learner on one GPU, 0 on CPU.
+    gpu_share: float = 0.0
     seed: int = 0
     # Scheduling; None = the per-device default chosen by `scheduling_args`.
     chunked_prefill: bool | None = None
@@ -40,6 +45,29 @@ class EngineConfig:
     # Actor groups computing at the same time on a node: 1 when the loop is synchronous, 2 with
     # asynchronous rollouts (the engines generate while the learner updates)
     cpu_groups: int = 1
+
+
+# vLLM's share of its device when rollout.gpu_memory_utilization is null (`memory_utilization`).
+CPU_MEMORY_SHARE = 0.1    # of host RAM: vLLM-CPU reserves it up front (its 0.92 is refused on 24 GiB)
+OWN_GPU_SHARE = 0.9       # a GPU of its own: weights + KV cache, the rest for CUDA graphs, activations
+SHARED_GPU_SHARE = 0.7    # × the engine's share of a GPU the learner shares
+
+
+def memory_utilization(cfg: EngineConfig, on_gpu: bool) -> float:
+    """The `gpu_memory_utilization` handed to vLLM: the configured one, or per device.
+
+    vLLM sizes its KV cache to fill this share of the whole device. On CPU the device is host
+    RAM, where 0.1 already holds a tiny model's cache; on a GPU 0.1 leaves a 4B model no KV
+    cache at all. An engine sharing its GPU with the learner (debug_gpu: half each in Ray's
+    books) takes 0.7 of its half while awake (0.35 of the GPU), leaving the learner's bf16
+    weights, both CUDA contexts and the learner's scoring forward room beside it."""
+    if cfg.gpu_memory_utilization is not None:
+        return cfg.gpu_memory_utilization
+    if not on_gpu:
+        return CPU_MEMORY_SHARE
+    if 0 < cfg.gpu_share < 1:
+        return round(SHARED_GPU_SHARE * cfg.gpu_share, 3)
+    return OWN_GPU_SHARE
 
 
 # vLLM's own default token budget per engine step on CPU (and its floor on GPU).
@@ -151,6 +179,7 @@ class VLLMEngine(CollectiveReceiver):
         t0 = time.perf_counter()
         self.cfg = cfg
         self.transport = transport
+        on_gpu = torch.cuda.is_available()
         placeholders = image_placeholder_ids(cfg.model_path)
         mm = ({"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0}}
               if placeholders else {})
@@ -159,14 +188,14 @@ class VLLMEngine(CollectiveReceiver):
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            gpu_memory_utilization=memory_utilization(cfg, on_gpu),
             seed=cfg.seed,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
             distributed_executor_backend="uni" if in_process else "mp",
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_sleep_mode=cfg.sleep_level > 0,
-            **scheduling_args(cfg, on_gpu=torch.cuda.is_available()),
+            **scheduling_args(cfg, on_gpu),
             **get_transport(transport).engine_llm_kwargs(),
             **mm,
         )

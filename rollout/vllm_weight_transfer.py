@@ -33,17 +33,25 @@ INIT, START, CHUNK, FINISH, SHUTDOWN = (
     "transfer_init", "transfer_start", "transfer_chunk", "transfer_finish", "transfer_shutdown")
 
 
-def engine_init_infos(init_info: dict, num_engines: int, workers_per_engine: int = 1
-                      ) -> list[dict]:
-    """The init info each engine gets. vLLM ranks a worker in the NCCL group by its
-    data-parallel index + `rank_offset`; our engines are independent `LLM`s (each DP index 0),
-    so with one shared offset they would all claim rank 1. Engine i's workers start at
-    `rank_offset + i * workers_per_engine` instead, and one broadcast reaches all of them."""
+def engine_init_infos(init_info: dict, workers_per_engine: list[int]) -> list[dict]:
+    """The init info each engine gets. vLLM ranks a worker in the NCCL group as
+    `data_parallel_index × (TP × PP) + its rank in the engine + rank_offset`
+    (`nccl_common.worker_init_process_group`); our engines are independent `LLM`s (each DP
+    index 0), so with one shared offset every engine's workers would claim ranks 1, 2, ...
+    Engine i's workers start after all earlier engines' workers instead: ranks 1 ..
+    Σ workers, each once, and one broadcast from rank 0 reaches all of them."""
     if "rank_offset" not in init_info:  # IPC: no group to place
-        return [dict(init_info) for _ in range(num_engines)]
-    base = int(init_info["rank_offset"])
-    return [{**init_info, "rank_offset": base + i * workers_per_engine}
-            for i in range(num_engines)]
+        return [dict(init_info) for _ in workers_per_engine]
+    base, infos = int(init_info["rank_offset"]), []
+    for workers in workers_per_engine:
+        infos.append({**init_info, "rank_offset": base})
+        base += workers
+    return infos
+
+
+def transfer_world_size(workers_per_engine: list[int]) -> int:
+    """The NCCL group: learner rank 0 (the sender) and every worker of every engine."""
+    return 1 + sum(workers_per_engine)
 
 
 class EngineClient:
@@ -51,9 +59,9 @@ class EngineClient:
     every engine and waits. Held by learner rank 0. `version` is what `finish` records on the
     engines (vLLM's trainer calls finish with none)."""
 
-    def __init__(self, engines: list, workers_per_engine: int = 1):
+    def __init__(self, engines: list, workers_per_engine: list[int]):
         self.engines = list(engines)
-        self.workers_per_engine = workers_per_engine
+        self.workers_per_engine = list(workers_per_engine)
         self.version = 0
 
     def _all(self, method: str, args_per_engine: list[tuple]) -> list:
@@ -63,7 +71,7 @@ class EngineClient:
                         for e, a in zip(self.engines, args_per_engine, strict=True)])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        infos = engine_init_infos(init_info, len(self.engines), self.workers_per_engine)
+        infos = engine_init_infos(init_info, self.workers_per_engine)
         self._all(INIT, [(i,) for i in infos])
 
     def start_weight_update(self) -> None:
@@ -88,8 +96,18 @@ class CollectiveReceiver:
     from the old weights, so `transfer_finish` does both, as `update_weights` does after a
     payload."""
 
+    def transfer_workers(self) -> int:
+        """This engine's workers in a transfer group: its tensor × pipeline parallel size."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
     def transfer_init(self, init_info: dict) -> None:
+        """Join a learner's transfer group. A group left from an earlier learner (one that
+        died before it could close it, then was restarted) is shut down first: vLLM's NCCL
+        engine would otherwise build the new communicator over the old one."""
+        if getattr(self, "transfer_open", False):
+            self.llm.shutdown_weight_transfer_engine()
         self.llm.init_weight_transfer_engine({"init_info": init_info})
+        self.transfer_open = True
 
     def transfer_start(self) -> None:
         if getattr(self, "asleep", 0):  # a sleeping colocated engine: room for weights first
@@ -114,6 +132,7 @@ class CollectiveReceiver:
 
     def transfer_shutdown(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
+        self.transfer_open = False
 
 
 @cache
@@ -179,11 +198,11 @@ class CollectiveSender:
             self.engine = None
 
 
-def open_sender(backend: str, engines: list, rank: int, bucket_bytes: int,
-                workers_per_engine: int = 1) -> CollectiveSender:
+def open_sender(backend: str, engines: list, rank: int, bucket_bytes: int) -> CollectiveSender:
     """Rendezvous with the engines (rank 0; other ranks only gather when sending).
 
-    nccl: one group of 1 + engines x workers; rank 0 hosts the TCP rendezvous on its node.
+    nccl: one group of rank 0 + every engine's workers (each engine says how many it has: a
+    tensor-parallel engine has one per GPU); rank 0 hosts the TCP rendezvous on its node.
     ipc: the engine must share rank 0's GPU; vLLM's IPC trainer all-gathers handles over the
     default process group, which would hang with more learner ranks (ours other than 0 hold no
     gathered weights), so only a one-rank learner is accepted."""
@@ -195,14 +214,15 @@ def open_sender(backend: str, engines: list, rank: int, bucket_bytes: int,
     from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
 
     device = torch.device("cuda", torch.cuda.current_device())
-    client = EngineClient(engines, workers_per_engine)
+    workers = ray.get([e.transfer_workers.remote() for e in engines])
+    client = EngineClient(engines, workers)
     source = _source_class()(device)
     if backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         info = NCCLTrainerInitInfo(
             master_address=ray.util.get_node_ip_address(), master_port=_free_port(),
-            world_size=1 + len(engines) * workers_per_engine, packed=True,
+            world_size=transfer_world_size(workers), packed=True,
             packed_buffer_size_bytes=bucket_bytes, rank=0)
     elif backend == "ipc":
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -8,7 +8,7 @@ micro-batches the minibatch was split into.
 """
 from __future__ import annotations
 
-import logging
+import os
 from datetime import timedelta
 from types import SimpleNamespace
 import shutil
@@ -24,9 +24,8 @@ from rl.algorithms.losses import distill_loss, policy_loss, sft_loss
 from rl.engine.base import TrainEngine
 from rl.engine.frozen import (FrozenModel, input_grad_norms, load_model, logits_of,
                               next_token_logprobs, topk_logprobs)
-from rl.engine.packing import is_right_padded, packed_token_logprobs, packing_error
+from rl.engine.packing import is_right_padded, packed_token_logprobs, packing_matches
 
-log = logging.getLogger(__name__)
 
 # Files of the base model folder an exported checkpoint needs beside the weights (tokenizer,
 # and a vision-language model's processor, which vLLM and the learner read images with).
@@ -97,7 +96,9 @@ class DeepSpeedEngine(TrainEngine):
         self.cfg = cfg
         on_gpu = torch.cuda.is_available()
         backend = cfg.backend or ("nccl" if on_gpu else "gloo")
-        if not on_gpu:
+        if on_gpu:
+            bind_first_visible_gpu()
+        else:
             skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend=backend,
                                    timeout=timedelta(seconds=cfg.collective_timeout_s))
@@ -132,14 +133,16 @@ class DeepSpeedEngine(TrainEngine):
             "fp16": {"enabled": cfg.dtype == "float16"},
             "steps_per_print": 10**9,
         }
-        # Ray shows a rank only its own GPU, so its device is cuda:0 whatever its LOCAL_RANK
-        # (DeepSpeed would otherwise pick device LOCAL_RANK).
+        # the device bind_first_visible_gpu chose (DeepSpeed would otherwise read LOCAL_RANK)
         args = SimpleNamespace(device_rank=0) if on_gpu else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             args=args, model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
         self.device = self.engine.device
-        self.padding_free = self.padding_free and self._packing_matches()
+        if self.padding_free:
+            self.engine.eval()
+            self.padding_free = packing_matches(self.engine, self.device,
+                                                model.config.vocab_size, cfg.dtype)
         if cfg.compile:  # in place: parameter names, hooks and checkpoints stay the model's own
             self.engine.module.compile(dynamic=True)
         self.offloaded = False
@@ -167,33 +170,6 @@ class DeepSpeedEngine(TrainEngine):
     def _packs(self, b) -> bool:
         return (self.padding_free and "pixel_values" not in b
                 and is_right_padded(b["attention_mask"]))
-
-    def _packing_matches(self) -> bool:
-        """Once, at start, on a small fixed batch (the same on every rank: under ZeRO-3 the
-        forwards are collective): packed and padded rows give the same logprobs. A model whose
-        attention ignores the packing would let sequences see each other; it then keeps padded
-        rows (slower, never wrong)."""
-        g = torch.Generator().manual_seed(0)
-        lengths = torch.tensor([7, 4, 9, 6])
-        ids = torch.randint(0, self._module().config.vocab_size, (4, 9), generator=g)
-        ids[1, :3] = ids[0, :3]  # rows 0 and 1: one group sharing three tokens
-        mask = torch.arange(9) < lengths[:, None]
-        self.engine.eval()
-        try:
-            diff = packing_error(self.engine, ids.to(self.device), mask.to(self.device),
-                                 group_ids=torch.tensor([0, 0, 1, 1], device=self.device))
-        except Exception as e:  # noqa: BLE001 — a forward that refuses the packed arguments
-            log.warning("padding_free: this model refuses packed rows (%s); forwards keep "
-                        "padded rows", e)
-            return False
-        tol = 1e-3 if self.cfg.dtype == "float32" else 0.1
-        if diff > tol:
-            log.warning("padding_free: packed rows change this model's logprobs (max |Δ| = "
-                        "%.3g > %g); forwards keep padded rows", diff, tol)
-            return False
-        log.info("padding_free: packed rows checked against padded ones (max |Δ| logprob %.2g)",
-                 diff)
-        return True
 
     @torch.no_grad()
     def score(self, batch, temperature=1.0, stats: dict | None = None):
@@ -479,6 +455,26 @@ class DeepSpeedEngine(TrainEngine):
             if "exp_avg" in st:
                 total += st["exp_avg"].abs().sum().item()
         return total
+
+
+def device_env(env: dict) -> dict[str, str]:
+    """The environment updates that make DeepSpeed use device 0 (see bind_first_visible_gpu):
+    LOCAL_RANK 0, the node position it held kept as NODE_LOCAL_RANK."""
+    return {"NODE_LOCAL_RANK": env.get("NODE_LOCAL_RANK", env.get("LOCAL_RANK", "0")),
+            "LOCAL_RANK": "0"}
+
+
+def bind_first_visible_gpu() -> None:
+    """A learner rank trains on the first GPU it sees: Ray shows each rank only its own GPU.
+
+    DeepSpeed's `init_distributed` passes `device_id=cuda:$LOCAL_RANK` to
+    `torch.distributed.init_process_group` whenever the world has more than one rank, so a
+    torchrun-style LOCAL_RANK (the rank's position on its node: 1 for the second rank there)
+    names a device this process does not have and the group never forms. rl/placement.rank_env
+    already sets LOCAL_RANK=0; this also covers a process started with a node position in
+    LOCAL_RANK (benchmarks/gpu_two_ranks.py starts one that way)."""
+    os.environ.update(device_env(os.environ))
+    torch.cuda.set_device(0)
 
 
 def _device_bytes() -> int:

@@ -16,6 +16,7 @@ never unpacked to [B, T, vocab], which matters for 150k-token vocabularies.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,13 @@ import torch.nn.functional as F
 
 from kernels.varlen import Repad
 from rl.engine.frozen import logits_of, next_token_logprobs
+
+log = logging.getLogger(__name__)
+
+# What a forward that does not take the packed arguments (`position_ids`, `repad`) raises:
+# transformers' argument checks. Anything else — a CUDA error, an out-of-memory — is a real
+# failure of the learner and must not be mistaken for "this model cannot pack".
+REFUSES_PACKING = (TypeError, ValueError, NotImplementedError)
 
 
 @dataclass
@@ -99,3 +107,34 @@ def packing_error(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logits = logits_of(model, {"input_ids": input_ids, "attention_mask": attention_mask})
     padded = next_token_logprobs(logits, temperature).gather(-1, input_ids[..., None]).squeeze(-1)
     return float(((packed - padded).abs() * attention_mask).max())
+
+
+def packing_matches(model, device, vocab_size: int, dtype: str) -> bool:
+    """Once, at learner start, on a small fixed batch (the same on every rank: under ZeRO-3 the
+    forwards are collective): packed and padded rows give the same logprobs. A model whose
+    attention ignores the packing would let sequences see each other, and one whose forward
+    refuses the packed arguments cannot pack: both keep padded rows (slower, never wrong).
+    Any other error propagates, with a note naming this check."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([7, 4, 9, 6])
+    ids = torch.randint(0, vocab_size, (4, 9), generator=g)
+    ids[1, :3] = ids[0, :3]  # rows 0 and 1: one group sharing three tokens
+    mask = torch.arange(9) < lengths[:, None]
+    try:
+        diff = packing_error(model, ids.to(device), mask.to(device),
+                             group_ids=torch.tensor([0, 0, 1, 1], device=device))
+    except REFUSES_PACKING as e:
+        log.warning("padding_free: this model refuses packed rows (%s: %s); forwards keep "
+                    "padded rows", type(e).__name__, e)
+        return False
+    except Exception as e:
+        e.add_note("(raised by the padding_free check at learner start: a 4-row forward of the "
+                   "policy, packed and padded; learner.padding_free=false skips it)")
+        raise
+    tol = 1e-3 if dtype == "float32" else 0.1
+    if diff > tol:
+        log.warning("padding_free: packed rows change this model's logprobs (max |Δ| = %.3g > "
+                    "%g); forwards keep padded rows", diff, tol)
+        return False
+    log.info("padding_free: packed rows checked against padded ones (max |Δ| logprob %.2g)", diff)
+    return True

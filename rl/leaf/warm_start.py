@@ -110,15 +110,14 @@ def read_report(path: str) -> dict | None:
 def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher_dir: str,
                          student_path: str) -> list[Example]:
     """Stage 1 and the validation filter: the counterfactual examples LeaF trains on."""
-    import ray
-
+    from rl.placement import kill_and_wait
     from rl.runtime import start_engine, wait_ready
 
     d, m, lf = cfg.distill, cfg.model, cfg.leaf
     samples = train_samples_at(task, d.detect_offset + seed_offset(cfg), d.detect_samples)
     student_engine = start_engine(cfg, student_path, cfg.seed)
     teacher_engine = start_engine(cfg, teacher_dir, cfg.seed)
-    wait_ready([student_engine, teacher_engine])
+    engines = wait_ready([student_engine, teacher_engine])
     max_new = cfg.rollout.max_new_tokens
     try:
         originals = [instruction_example(tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
@@ -160,8 +159,8 @@ def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher
         report["counterfactuals_kept"] = len(kept)
         return kept
     finally:
-        ray.kill(student_engine)
-        ray.kill(teacher_engine)
+        # their GPU memory free before the RL engines start and profile it
+        kill_and_wait([student_engine, teacher_engine], [(e["node_id"], e["pid"]) for e in engines])
 
 
 def seed_offset(cfg) -> int:

@@ -375,3 +375,49 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
     assert 0 < m[1]["time/vars_share"] < 1 and m[1]["vars/r_visual_max"] >= m[1]["vars/r_visual_min"]
     plots = [r for r in rows if r.get("eval/vas_by_layer_table/_type") == "table-file"]
     assert [r["eval/vas_by_layer_table/nrows"] for r in plots] == [8, 8]  # 4 layers × 2 lines, steps 0, 2
+
+
+class Recording:
+    """Passes every call through to the real learner or rollout group, recording the names of
+    `watched` methods in the order the trainer makes them."""
+
+    def __init__(self, target, name: str, watched: set, calls: list):
+        self.__dict__.update(_target=target, _name=name, _watched=watched, _calls=calls)
+
+    def __getattr__(self, attr):
+        value = getattr(self._target, attr)
+        if attr not in self._watched:
+            return value
+
+        def call(*args, **kwargs):
+            self._calls.append(f"{self._name}.{attr}")
+            return value(*args, **kwargs)
+        return call
+
+
+def test_the_learner_hands_the_gpu_over_in_order(ray_session, tmp_path_factory, dataset,
+                                                 cache_dir):
+    """The colocated mode's order, through the real trainer (rl/gpu_sharing.py): after the
+    update the learner's optimizer state leaves (learner.offload_between_updates, DeepSpeed's
+    offload_states; CPU → CPU here) *before* the weight sync, which on a GPU wakes the engines
+    (the sync used to come first); a checkpoint brings the state back with the engines asleep
+    and offloads it again after."""
+    out = tmp_path_factory.mktemp("run_offload")
+    cfg = make_cfg(out, cache_dir, dataset, ["steps=1", "save_every=1", "task.eval_size=1",
+                                             "rollout.eval_samples=0",
+                                             "learner.offload_between_updates=true"])
+    calls: list[str] = []
+    trainer = Trainer(cfg)
+    try:
+        trainer.learner = Recording(trainer.learner, "learner",
+                                    {"score", "train_minibatch", "offload", "save"}, calls)
+        trainer.engines = Recording(trainer.engines, "engines", {"sleep", "sync_from"}, calls)
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    assert summary["steps"] == 1
+    order = [c for i, c in enumerate(calls) if i == 0 or c != calls[i - 1]]  # repeats once
+    assert order == ["engines.sleep", "learner.score", "learner.train_minibatch",
+                     "learner.offload", "engines.sync_from",                  # the step
+                     "engines.sleep", "learner.save", "learner.offload"]      # its checkpoint
+    assert metrics(out)[1]["colocate/offload_s"] > 0

@@ -4,7 +4,7 @@ own — and a short training run submitted to it as the README says (`ray job su
 launch/ray_job.yaml, `python -m launch.train cluster=ray ...`): the placement groups put the
 learner ranks on the worker node and the engine on the head. Compute stays on CPU; what is
 real is the job submission and the placement: which node each actor ran on, which GPU Ray
-gave it, and the ranks' RANK / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR."""
+gave it, and the ranks' RANK / LOCAL_RANK / NODE_LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR."""
 import json
 import os
 import shutil
@@ -124,9 +124,12 @@ def test_a_submitted_job_places_learner_and_engines_on_their_nodes(two_nodes, tm
     assert [r["rank"] for r in ranks] == ["0", "1"]
     for i, r in enumerate(ranks):
         assert r["node_id"] == worker_id  # both on the node with node_b (and 2 GPUs)
-        assert r["local_rank"] == str(i) and r["local_world_size"] == "2"
+        assert r["node_local_rank"] == str(i) and r["local_world_size"] == "2"
         assert r["world_size"] == "2" and r["master_addr"] == worker_ip  # rank 0's node
         assert len(r["gpu_ids"]) == 1 and r["cuda_visible_devices"] == r["gpu_ids"][0]
+        # DeepSpeed binds the rank to cuda:LOCAL_RANK: it must be a device the rank sees (the
+        # second rank on the node used to get LOCAL_RANK=1 beside one visible GPU)
+        assert int(r["local_rank"]) < len(r["cuda_visible_devices"].split(","))
     assert sorted(r["gpu_ids"][0] for r in ranks) == ["0", "1"]  # a GPU each, not shared
     (engine,) = placed["engines"]
     assert engine["node_id"] == head_id and engine["gpu_ids"] == ["0"]

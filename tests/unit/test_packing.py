@@ -7,7 +7,8 @@ import torch
 from kernels.varlen import install_sdpa, repad_index
 from rl.engine.deepspeed_engine import token_logprobs
 from rl.engine.frozen import load_model, logits_of
-from rl.engine.packing import is_right_padded, pack, packed_token_logprobs, packing_error
+from rl.engine.packing import (is_right_padded, pack, packed_token_logprobs, packing_error,
+                               packing_matches)
 
 
 def right_padded(seed: int, rows: int = 12, width: int = 24, vocab: int = 90):
@@ -110,3 +111,32 @@ def test_a_model_whose_attention_ignores_the_packing_is_detected(tiny_model_dir)
         "opt", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128,
         vocab_size=100, word_embed_proj_dim=64)).eval()
     assert packing_error(opt, ids, mask) > 1e-2
+
+
+def _failing_forward(model, error: Exception):
+    """A forward hook that raises `error` once the model runs (fault injection into a real
+    model: what a CUDA out-of-memory in the start-up check looks like to the engine)."""
+    def hook(module, args, kwargs):
+        raise error
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_the_start_up_packing_check_keeps_padded_rows_only_for_a_model_that_cannot_pack(tiny_model_dir):
+    """learner start (rl/engine/deepspeed_engine.py): packed rows are used when they match the
+    padded ones; a forward refusing the packed arguments (TypeError) falls back to padded rows;
+    any other error — an out-of-memory, a CUDA error — propagates instead of being hidden
+    behind a silent fallback (the check used to catch every exception)."""
+    model = load_model(tiny_model_dir, "float32").eval()
+    install_sdpa(model)
+    vocab = model.config.vocab_size
+    assert packing_matches(model, "cpu", vocab, "float32") is True
+    handle = _failing_forward(model, TypeError("forward() got an unexpected keyword argument 'repad'"))
+    assert packing_matches(model, "cpu", vocab, "float32") is False
+    handle.remove()
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        handle = _failing_forward(model, error)
+        with pytest.raises(type(error)) as raised:
+            packing_matches(model, "cpu", vocab, "float32")
+        assert raised.value is error and "padding_free check" in str(raised.value.__notes__)
+        handle.remove()

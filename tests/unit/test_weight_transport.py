@@ -163,15 +163,25 @@ def test_gpu_transports_construct_but_refuse_cpu(name):
             call()
 
 
-def test_each_engine_gets_its_own_nccl_rank():
-    """Independent engines all sit at vLLM data-parallel index 0; each must be told its own
-    rank offset or they would all claim NCCL rank 1."""
-    from rollout.vllm_weight_transfer import engine_init_infos
+def vllm_worker_rank(init_info: dict, dp_index: int, tp_pp_size: int, rank_in_engine: int) -> int:
+    """A worker's rank in the transfer group as vLLM 0.32 computes it
+    (vllm/distributed/weight_transfer/nccl_common.py, worker_init_process_group)."""
+    return dp_index * tp_pp_size + rank_in_engine + int(init_info["rank_offset"])
+
+
+@pytest.mark.parametrize("workers", [[1], [1, 1, 1], [2, 2], [4, 1, 2], [8]])
+def test_every_engine_worker_gets_its_own_nccl_rank(workers):
+    """Independent engines all sit at vLLM data-parallel index 0, and a tensor-parallel
+    engine has one worker per GPU, each ranked rank_offset + its rank in the engine. Every
+    worker of every engine must get its own rank in 1 .. world − 1 (rank 0: the learner), or
+    the rendezvous hangs (the group used to be 1 + engines, with offsets one apart)."""
+    from rollout.vllm_weight_transfer import engine_init_infos, transfer_world_size
 
     info = {"master_address": "10.0.0.1", "master_port": 29500, "rank_offset": 1,
-            "world_size": 7, "packed": True}
-    infos = engine_init_infos(info, num_engines=3, workers_per_engine=2)
-    assert [i["rank_offset"] for i in infos] == [1, 3, 5]
+            "world_size": transfer_world_size(workers), "packed": True}
+    infos = engine_init_infos(info, workers)
+    ranks = [vllm_worker_rank(i, 0, n, r) for i, n in zip(infos, workers) for r in range(n)]
+    assert sorted(ranks) == list(range(1, info["world_size"]))
     assert all({k: v for k, v in i.items() if k != "rank_offset"} ==
                {k: v for k, v in info.items() if k != "rank_offset"} for i in infos)
-    assert engine_init_infos({"packed": True}, 2) == [{"packed": True}, {"packed": True}]
+    assert engine_init_infos({"packed": True}, [2, 2]) == [{"packed": True}, {"packed": True}]
