@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import fwd_configs
+from .triton_util import fwd_configs, prune_fwd_configs
 
 
 @triton.jit
@@ -78,7 +78,8 @@ def _fwd_tile(acc, m_i, l_i, e_i, d_i, w_i, a_i, q, K, V, Cls, b, start, seq_len
     return acc, m_new, l_i, e_i, d_i, w_i, a_i
 
 
-@triton.autotune(configs=fwd_configs(), key=["HEAD_DIM", "LEN_KEY", "STATS", "ENTROPY", "DIST", "WAAD_W", "N_CLASSES"])
+@triton.autotune(configs=fwd_configs(), key=["HEAD_DIM", "LEN_KEY", "STATS", "ENTROPY", "DIST", "WAAD_W", "N_CLASSES"],
+                 prune_configs_by={"early_config_prune": prune_fwd_configs})
 @triton.jit
 def _attn_fwd(Q, K, V, Out, Lse, Ent, Dist, Waad, Mass, Cls, Starts, Lens, qk_scale,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,

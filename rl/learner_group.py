@@ -22,6 +22,7 @@ from rollout.weight_sync import WeightTransport, get_transport
 
 log = logging.getLogger(__name__)
 
+
 class LearnerWorker:
     """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
 
