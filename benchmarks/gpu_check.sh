@@ -47,13 +47,7 @@ for arg in "$@"; do
     esac
 done
 
-if [ -n "${PYTHON:-}" ]; then
-    PY=$PYTHON
-elif [ -x .venv/bin/python ]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 unset TRITON_INTERPRET  # real Triton on the GPU (in the dry run tests/kernels/conftest.py sets it)
 WHEELS=benchmarks/gpu_wheels

@@ -11,13 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-benchmarks/gpu_wheels}
-if [ -n "${PYTHON:-}" ]; then
-    PY=$PYTHON
-elif [ -x .venv/bin/python ]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "gpu_wheels.sh: no Python interpreter '$PY' (set PYTHON=/path/to/python)" >&2
     exit 2
