@@ -311,6 +311,7 @@ def compile_launch(launch: Launch) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.errors import TritonError
 
     res = Result(launch, limit=SHARED_LIMIT[launch.arch])
     t0 = time.perf_counter()
@@ -346,7 +347,9 @@ def compile_launch(launch: Launch) -> Result:
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
         if m:
             res.spill_stores, res.spill_loads = int(m.group(1)), int(m.group(2))
-    except Exception as e:  # noqa: BLE001 - any failure to compile is the finding
+    except (TritonError, RuntimeError, subprocess.CalledProcessError) as e:
+        # Triton's compile errors and OutOfResources, ptxas (PTXASError), cuobjdump, and a
+        # kernel that cannot be compiled in this process: the finding, not a crash
         res.seconds = time.perf_counter() - t0
         res.error = f"{type(e).__name__}: {e}"
     return res

@@ -14,10 +14,11 @@ from dataclasses import replace
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayError
 
-from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig
+from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, release_cached_gpu_memory
 from rl.placement import bundle, kill_and_wait, rank_env, rendezvous_port, reserve, where_am_i
-from rl.remote_calls import LearnerFailure, get_all
+from rl.remote_calls import ActorFailure, LearnerFailure, get_all
 from rollout.weight_sync import WeightTransport, get_transport
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,6 @@ class LearnerWorker:
         if self.sender is not None:
             self.sender.close()
             self.sender = None
-
-
-def release_cached_gpu_memory() -> None:
-    """Hand the blocks PyTorch's caching allocator keeps back to the GPU: on a GPU shared with
-    a vLLM engine, memory this process merely caches is memory the engine cannot have."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def out_of_memory_advice(rank: int, method: str) -> str:
@@ -272,7 +266,7 @@ class LearnerGroup:
             try:  # a dead rank 0 cannot close: the engines replace its group when one reconnects
                 get_all([w.close_transport.remote() for w in self.workers],
                         min(self.call_timeout_s or 60.0, 60.0), "close transport")
-            except Exception as err:  # noqa: BLE001 — shutting down anyway
+            except (ActorFailure, RayError) as err:  # dead, hung or failed: shutting down anyway
                 log.warning("learner shutdown: the weight transport did not close (%s)", err)
         kill_and_wait(self.workers, self.procs)
         self.workers = []

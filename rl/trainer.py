@@ -27,7 +27,6 @@ from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, check_same_run
 from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
 from rl.config import build_credit, check_config, check_layers
-from rl.credit.render import credit_html
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
 from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
 from rl.leaf.detect import records
@@ -38,6 +37,7 @@ from rl.placement import check_shared_dirs, check_transport_placement
 from rl.remote_calls import LearnerFailure
 from rl.rollout_group import Generation
 from rl.rollout_queue import RolloutQueue
+from rl.run_tables import log_credit_table, log_leaf_table, log_vas_plot
 from rl.runtime import (engine_gpus, init_ray, learner_gpus, start_engines, start_learner,
                         write_placement)
 from rl.stop_signal import StopOnSignal
@@ -143,7 +143,7 @@ class Trainer:
                                resume_step=self.step if resume_from is not None else None)
         report = read_report(self.policy_init)
         if report:
-            self.log_leaf_table([r for level in ("instruction", "response")
+            log_leaf_table(self.tracker, [r for level in ("instruction", "response")
                                  for r in report.get(f"{level}_detections", [])], 0)
 
     def start_learner_side(self):
@@ -412,59 +412,20 @@ class Trainer:
         self.tracker.table("samples", ["step", "prompt", "response", "reward", "answer"], rows,
                            step + 1)
         if step == 0 or (step + 1) % self.cfg.eval_every == 0:
-            self.log_credit_table(batch, step + 1)
+            log_credit_table(self.tracker, self.tok, batch, getattr(self.credit, "trace", None),
+                             self.cfg.logger.sample_table_rows, step + 1)
             if self.online_leaf is not None:
                 originals, det = self.last_leaf
                 labels = distractor_labels(originals, det.confounders.shape[1])
-                self.log_leaf_table(records(self.tok, originals, det, labels,
-                                            self.cfg.logger.sample_table_rows), step + 1)
+                log_leaf_table(self.tracker, records(self.tok, originals, det, labels,
+                                                     self.cfg.logger.sample_table_rows), step + 1)
         return metrics
 
-    def log_credit_table(self, batch: RolloutBatch, step: int) -> None:
-        """A few responses coloured token by token by WAAD, FAI and γ (W&B sample table)."""
-        trace = getattr(self.credit, "trace", None)
-        n = self.cfg.logger.sample_table_rows
-        if trace is None or self.tracker.run is None or n <= 0:
-            return
-        rows = []
-        for i in range(min(n, len(batch))):
-            pos = batch.response_mask[i].nonzero()[:, 0]
-            tokens = [self.tok.decode([t]) for t in batch.input_ids[i, pos].tolist()]
-            values = {"γ": trace.gamma[i, pos].tolist()}
-            marks = {"selected": trace.selected[i, pos].tolist()}
-            if trace.sets is not None:
-                values = {"WAAD": trace.sets.waad[i, pos].tolist(), "FAI": trace.sets.fai[i, pos].tolist(), **values}
-                marks = {"preplan": trace.sets.preplan[i, pos].tolist(),
-                         "anchor": trace.sets.anchor[i, pos].tolist(),
-                         "intro": trace.sets.intro[i, pos].tolist()}
-            rows.append([step, float(batch.rewards[i]), float(batch.seq_advantages[i]),
-                         credit_html(tokens, values, marks=marks)])
-        self.tracker.table("credit_samples", ["step", "reward", "advantage", "credit"], rows, step,
-                           html_columns=("credit",))
-
-    def log_leaf_table(self, records: list[dict], step: int) -> None:
-        """Prompts LeaF's detection saw (before RL: the distillation's; during RL: the step's),
-        each token coloured by Δ (low Δ: the student leans on it, the teacher does not),
-        confounders and labelled distractors marked (W&B table `leaf_confounders`)."""
-        rows = [[d["uid"], sum(d["confounder"]),
-                 credit_html(d["tokens"], {"Δ": d["delta"]},
-                             marks={"confounder": d["confounder"],
-                                    "distractor (label)": d["distractor"]})]
-                for d in records]
-        self.tracker.table("leaf_confounders", ["uid", "confounders", "prompt"], rows, step,
-                           html_columns=("prompt",))
-
-    def log_vas_plot(self, evals: dict, step: int) -> None:
-        """AVAR's VAS per layer at this evaluation, as one W&B chart (response and user-query
-        tokens as two lines)."""
-        if not self.stats_plan.vas_on:
-            return
-        layers = self.stats_plan.avar.layers
-        series = {u: [evals[f"eval/vas_{u}_L{layer}"] for layer in layers]
-                  for u in ("response", "query") if f"eval/vas_{u}_L{layers[0]}" in evals}
-        self.tracker.line_plot("eval/vas_by_layer", "layer", layers, series, step)
-
     # --- eval and checkpoints -----------------------------------------------------------------
+    def log_vas_plot(self, evals: dict, step: int) -> None:
+        if self.stats_plan.vas_on:
+            log_vas_plot(self.tracker, evals, self.stats_plan.avar.layers, step)
+
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, greedy (`eval/accuracy`) and sampled at the rollout temperature
         (`eval/accuracy_sampled`, `rollout.eval_samples` per problem: the quantity RL

@@ -426,8 +426,7 @@ class DeepSpeedEngine(TrainEngine):
         self.engine.offload_states(include=[OffloadStateTypeEnum(s) for s in self.OFFLOADED],
                                    device=OffloadDeviceEnum.cpu,
                                    pin_memory=torch.cuda.is_available())
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_cached_gpu_memory()
         self.offloaded = True
         return {"offload_s": time.perf_counter() - t0, "offload_freed_bytes": before - _device_bytes()}
 
@@ -475,6 +474,13 @@ def bind_first_visible_gpu() -> None:
     LOCAL_RANK (benchmarks/gpu_two_ranks.py starts one that way)."""
     os.environ.update(device_env(os.environ))
     torch.cuda.set_device(0)
+
+
+def release_cached_gpu_memory() -> None:
+    """Hand the blocks PyTorch's caching allocator keeps back to the GPU: on a GPU shared with
+    a vLLM engine, memory this process merely caches is memory the engine cannot have."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _device_bytes() -> int:
