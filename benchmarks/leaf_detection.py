@@ -90,6 +90,7 @@ def main() -> None:
     from rl.leaf.confounders import confounder_mask, precision_recall_f1, random_mask, top_k_mask
     from rl.leaf.detect import detect, greedy_correct
     from rl.leaf.examples import distractor_labels, instruction_example
+    from rl.prompt_format import prompt_format
     from rl.runtime import init_ray, start_engine, wait_ready
     from rl.tasks import get_task
     from rl.teacher import student_vocab_size, teacher_path
@@ -104,7 +105,8 @@ def main() -> None:
     task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
     samples = train_samples_at(task, cfg.distill.detect_offset, args.n)
     m = cfg.model
-    examples = [instruction_example(tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
+    fmt = prompt_format(m, tok)
+    examples = [instruction_example(tok, s, fmt) for s in samples]
     student, teacher = FrozenModel(student_dir), FrozenModel(teacher_dir, vocab_size=vocab)
     lf = cfg.leaf
     det = detect(examples, teacher, student, tok, lf.quantile, lf.cap, lf.chunk)
@@ -127,7 +129,7 @@ def main() -> None:
     try:
         correct = torch.tensor(greedy_correct(engine, examples, tok, pool, max_new))
         wrong = ~correct
-        clean = [instruction_example(tok, s, m.prompt_prefix, m.response_prefix)
+        clean = [instruction_example(tok, s, fmt)
                  for s in train_samples_at(get_task(cfg.task.name, seed=cfg.task.seed,
                                                     **{**cfg.task.params, "distractor_prob": 0.0}),
                                            cfg.distill.detect_offset, args.n)]

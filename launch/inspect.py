@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from rl.credit.preplan_anchor import attention_credit
     from rl.data import encode_prompt
     from rl.engine.frozen import load_model
+    from rl.prompt_format import PromptFormat
     from rl.vision import image_processor_for
 
     try:
@@ -232,8 +233,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if images is not None:  # image pads expanded to the image's tokens, pixels alongside
         sample = task_sample(args.task_sample, args.distractors, task)
         offset = prompt.index(sample.prompt)
-        encoded = encode_prompt(tok, sample, prompt[:offset], prompt[offset + len(sample.prompt):],
-                                images)
+        encoded = encode_prompt(tok, sample, PromptFormat(prompt[:offset],
+                                                          prompt[offset + len(sample.prompt):]), images)
         prompt_ids = encoded.ids
     else:
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -300,6 +301,7 @@ def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
     """Task token classes of the prompt's tokens: from the sample's labelled segments, or for
     a free prompt, its first line as the system prompt and the rest as the evidence."""
     from rl.data import encode_prompt
+    from rl.prompt_format import PromptFormat
     from rl.tasks import Sample
 
     if sample is None:
@@ -307,7 +309,7 @@ def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
         sample = Sample(uid="prompt", task="", prompt=prompt, answer="", solution="",
                         segments={"system": [(0, cut)], "evidence": [(cut, len(prompt))]})
     offset = prompt.index(sample.prompt)
-    enc = encode_prompt(tok, sample, prompt[:offset], prompt[offset + len(sample.prompt):])
+    enc = encode_prompt(tok, sample, PromptFormat(prompt[:offset], prompt[offset + len(sample.prompt):]))
     return enc.classes
 
 

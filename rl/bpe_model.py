@@ -63,16 +63,26 @@ class BpeModelSpec:
 
 
 REAL_SHAPE = BpeModelSpec()
+# The tiny model's size with the same tokenizer, template, eos ids and padded tied vocabulary:
+# what CI runs through the loop.
+SMALL_SHAPE = BpeModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                           vocab_size=1024, bpe_vocab=600, max_position_embeddings=1024,
+                           dtype="float32")
 
 
 def task_corpus(per_task: int = 2000) -> list[str]:
-    """Prompts and worked solutions of the embedded text tasks: what the tokenizer learns from."""
+    """Prompts and worked solutions of the embedded text tasks, the shipped GSM8K / MATH
+    sample rows and the chat roles: what the tokenizer learns from."""
     from rl.tasks import get_task
 
-    texts = []
+    texts = ["system", "user", "assistant"]
     for name in ("arith", "countdown", "chain"):
         for s in get_task(name, seed=0).dataset("train", per_task):
             texts += [s.prompt, s.solution]
+    for path in sorted((Path(__file__).resolve().parents[1] / "data").glob("*_sample*.jsonl")):
+        texts += [json.dumps(json.loads(line), ensure_ascii=False) for line in
+                  path.read_text().splitlines() if line.strip()]
     return texts
 
 
@@ -145,7 +155,4 @@ if __name__ == "__main__":  # python -m rl.bpe_model OUT [--small]: a folder to 
     ap.add_argument("--small", action="store_true",
                     help="2 layers, hidden 128, 1,024 embedding rows (fp32) instead of Qwen3-0.6B")
     a = ap.parse_args()
-    small = BpeModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=1024,
-                         bpe_vocab=600, max_position_embeddings=1024, dtype="float32")
-    print(build_bpe_model(a.out, small if a.small else REAL_SHAPE))
+    print(build_bpe_model(a.out, SMALL_SHAPE if a.small else REAL_SHAPE))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from rl.avar.scores import AgtoConfig, check_classes, key_classes, user_query_mask
 from rl.data import collate_sft, encode_prompt, train_samples_at
+from rl.prompt_format import prompt_format
 from rl.tasks import get_task
 from rl.tiny_model import TinyModelSpec, build_tiny_model
 from rl.tiny_vl import TinyVisionSpec, build_tiny_vl_model
@@ -105,12 +106,22 @@ def agto_inputs(batch: dict, agto: AgtoConfig) -> dict:
             "agto_row_weight": torch.full((len(tc),), 1.0 / len(tc))}
 
 
+def cold_start_on(cfg) -> bool:
+    """cold_start.enabled, where null means: for a model built here (random weights), not for
+    a checkpoint the user gives — peers start RL from the given weights, and so do we."""
+    enabled = cfg.cold_start.enabled
+    return (not cfg.model.path) if enabled is None else bool(enabled)
+
+
 def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_start") -> str:
     """The HF folder the RL stage starts from (the base model if cold start is disabled).
     The same code trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
     base = base_model_path(cfg, cache)
     cs = cfg.cold_start
-    if not cs.enabled:
+    if not cold_start_on(cfg):
+        if cfg.model.path and cs.enabled is None:
+            log.info("%s: off for the checkpoint given as model.path=%s (cold_start.enabled=true "
+                     "fine-tunes it on the task's solutions first)", prefix.replace("_", " "), base)
         return base
     # Everything that shapes the cold-start weights, and nothing else (not eval settings).
     # The SFT data's task parameters enter as one dict, so an empty override keeps the key.
@@ -118,6 +129,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
               **OmegaConf.to_container(cs.task_params, resolve=True)}
     schedule = {k: v for k, v in OmegaConf.to_container(cs, resolve=True).items()
                 if k not in ("task_params", "objective")}
+    schedule["enabled"] = True  # (a bool when the cold starts cached so far were keyed)
     agto = agto_config(cfg)
     # (the plain objective adds nothing, so checkpoints cached before AGTO existed stay valid)
     key = config_hash(model_key(cfg.model), cfg.task.name, params, cfg.task.seed, schedule,
@@ -133,14 +145,14 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
         tok = load_tokenizer(base)
         images = image_processor_for(base)
         task = get_task(cfg.task.name, seed=cfg.task.seed, **params)
+        fmt = prompt_format(cfg.model, tok)
         learner = start_learner(cfg, base, lr=cs.lr, minibatch_size=cs.batch_size)
         t0 = time.perf_counter()
         bar = tqdm(range(cs.steps), desc=f"{prefix.replace('_', ' ')} (SFT)", disable=not progress,
                    dynamic_ncols=True)
         for step in bar:
             samples = train_samples_at(task, step * cs.batch_size, cs.batch_size)
-            prompts = [encode_prompt(tok, s, cfg.model.prompt_prefix, cfg.model.response_prefix,
-                                     images) for s in samples]
+            prompts = [encode_prompt(tok, s, fmt, images) for s in samples]
             responses = [tok(s.solution, add_special_tokens=False)["input_ids"]
                          + [tok.eos_token_id] for s in samples]
             learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))

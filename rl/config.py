@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from rl.algorithms.overlong import OverlongConfig, validate as validate_overlong
 from rl.tiny_model import TinyModelSpec
 from rl.tiny_vl import TinyVisionSpec
 from rollout.vllm_engine import scheduling_args
@@ -24,7 +25,11 @@ class ModelConfig:
     # Qwen2.5-VL instead (text part from `tiny`), for image tasks (conf/model/tiny_vl.yaml).
     vision: Optional[TinyVisionSpec] = None
     dtype: str = "float32"
-    # Text put before each prompt / between prompt and response (a chat template stand-in).
+    # A folder with a chat template renders prompts with it (rl/prompt_format.py); these keys
+    # are passed to it (e.g. Qwen3's {enable_thinking: false}).
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # For a folder WITHOUT a chat template only: text before each prompt / between prompt and
+    # response (a template stand-in; must be '' when the folder has a template).
     prompt_prefix: str = ""
     response_prefix: str = ""
 
@@ -39,8 +44,10 @@ class TaskConfig:
 
 @dataclass
 class ColdStartConfig:
-    """Supervised warm-start on the task's worked solutions, run when no checkpoint exists."""
-    enabled: bool = True
+    """Supervised warm-start on the task's worked solutions, before RL."""
+    # null: on for a model built here (model.path=null: random weights), off for a checkpoint
+    # given as model.path (RL starts from it, as in every peer); true/false: always/never.
+    enabled: Optional[bool] = None
     steps: int = 260
     batch_size: int = 64
     lr: float = 3e-3
@@ -154,6 +161,13 @@ class AlgorithmConfig:
     # sampler is up to rollout.async_steps versions old). tis_cap = c; 0 disables it.
     tis_cap: float = 0.0
     tis_mode: str = "truncate"        # truncate: min(ρ, c) | mask: drop tokens with ρ outside [1/c, c]
+    # Responses cut at rollout.max_new_tokens (DAPO §3.4, rl/algorithms/overlong.py): keep
+    # (trained as they are) | filter (out of the loss, still in their group's baseline) |
+    # penalty (reward += overlong_penalty · R_length, ramping to -1 over the last
+    # overlong_buffer tokens before the limit).
+    overlong: str = "keep"
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     lr: float = 5e-5
     lr_warmup_steps: int = 10         # linear warm-up of the RL learning rate (fresh Adam)
     weight_decay: float = 0.0
@@ -321,6 +335,7 @@ VALID_CHOICES = {
     "algorithm.loss_agg": ("token_mean", "seq_mean"),
     "algorithm.kl_estimator": ("k1", "k3"),
     "algorithm.tis_mode": ("truncate", "mask"),
+    "algorithm.overlong": ("keep", "filter", "penalty"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "offline", "online", "disabled"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -356,6 +371,11 @@ NOT_NEGATIVE = ("rollout.max_restarts", "max_failures", "rollout.num_gpus_per_en
 LAYER_KEYS = ("learner.stats_layers", "avar.layers")
 
 
+def overlong_config(cfg) -> OverlongConfig:
+    a = cfg.algorithm
+    return OverlongConfig(a.overlong, a.overlong_buffer, a.overlong_penalty)
+
+
 def check_config(cfg) -> None:
     """Cross-field checks Hydra's types cannot express; raises ValueError naming the key."""
     from omegaconf import OmegaConf
@@ -383,6 +403,7 @@ def check_config(cfg) -> None:
                          f"algorithm.prompts_per_step={a.prompts_per_step}")
     if a.n_samples < 2:
         raise ValueError("algorithm.n_samples must be >= 2 for group baselines")
+    validate_overlong(overlong_config(cfg), cfg.rollout.max_new_tokens)
     check_rollout(cfg)
     check_teacher(cfg)
     credit = build_credit(cfg)  # unknown method or parameter: named here

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.batch import TOKEN_CLASS, RolloutBatch
+from rl.prompt_format import PLAIN, PromptFormat
 from rl.tasks import Sample
 from rl.vision import ImageInputs, ImageProcessor
 
@@ -28,8 +29,8 @@ class EncodedPrompt:
     sample: Sample
     ids: list[int]
     classes: list[int]
-    # Positions inside the sample's own text (not the model's prompt_prefix/response_prefix
-    # template): the tokens LeaF may call confounders.
+    # Positions inside the sample's own text (not what the chat template or the model's
+    # prompt_prefix/response_prefix adds): the tokens LeaF may call confounders.
     in_text: list[bool] | None = None
     # A vision-language prompt: `ids` have each image pad expanded to the image's tokens (what
     # the learner reads); the engine gets `engine_ids` (one pad per image) and the images.
@@ -44,29 +45,36 @@ class EncodedPrompt:
         return {"prompt_token_ids": self.ids}
 
 
-def encode_prompt(tokenizer, sample: Sample, prefix: str = "", suffix: str = "",
+def encode_prompt(tokenizer, sample: Sample, fmt: PromptFormat = PLAIN,
                   images: ImageProcessor | None = None) -> EncodedPrompt:
-    """Token ids and per-token classes of `prefix + sample.prompt + suffix`; with `images`
-    (a vision-language model's processor) also the pixel values, pads expanded."""
+    """Token ids and per-token classes of the sample's prompt as `fmt` renders it (the model's
+    chat template, or prefix + prompt + suffix); with `images` (a vision-language model's
+    processor) also the pixel values, pads expanded."""
     if sample.images and images is None:
         raise ValueError(f"{sample.uid}: the task draws images but the model is text-only "
                          "(use a vision-language model, e.g. model=tiny_vl)")
     if images is not None and not sample.images:
         raise ValueError(f"{sample.uid}: a vision-language model needs an image in every "
                          "prompt and this one has none (use an image task, e.g. task=image_arith)")
-    text = prefix + sample.prompt + suffix
+    text, placed = fmt.render(tokenizer, sample)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labelled = [(TOKEN_CLASS[name], spans) for name, spans in sample.segments.items()
                 if name in TOKEN_CLASS]
     labelled.append((TOKEN_CLASS["distractor"], sample.distractors))
     classes, in_text = [], []
-    for start, _ in enc["offset_mapping"]:
-        c, pos = TOKEN_CLASS["other"], start - len(prefix)
+    for start, end in enc["offset_mapping"]:
+        # A subword's leading space separates; the word it carries says where it belongs (a
+        # template's "] " before a turn's text must not pull " sys" out of the turn).
+        piece = text[start:end]
+        at = start + len(piece) - len(piece.lstrip()) if piece.strip() else start
+        pos = next((p.prompt_start + at - p.text_start for p in placed
+                    if p.text_start <= at < p.text_start + p.length), None)
+        c = TOKEN_CLASS["other"]
         for cls, spans in labelled:
-            if any(s <= pos < e for s, e in spans):
+            if pos is not None and any(s <= pos < e for s, e in spans):
                 c = cls
         classes.append(c)
-        in_text.append(0 <= pos < len(sample.prompt))
+        in_text.append(pos is not None)
     ids = list(enc["input_ids"])
     if images is None:
         return EncodedPrompt(sample, ids, classes, in_text)

@@ -26,13 +26,15 @@ from rl.algorithms.losses import PolicyLossConfig
 from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, check_same_run
 from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
-from rl.config import build_credit, check_config, check_layers
+from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
+from rl.config import build_credit, check_config, check_layers, overlong_config
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
 from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
 from rl.leaf.detect import records
 from rl.leaf.examples import distractor_labels
 from rl.leaf.online import OnlineLeaf
 from rl.leaf.warm_start import read_report, run_distill
+from rl.prompt_format import prompt_format
 from rl.placement import check_shared_dirs, check_transport_placement
 from rl.remote_calls import LearnerFailure
 from rl.rollout_group import Generation
@@ -84,6 +86,7 @@ class Trainer:
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
             tis_cap=self.alg.tis_cap, tis_mode=self.alg.tis_mode, loss_agg=self.alg.loss_agg, kd_coef=cfg.leaf.kl_coef)
         self.credit = build_credit(cfg)
+        self.overlong = overlong_config(cfg)
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self.ckpts.latest() if cfg.resume else None
         run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -94,6 +97,7 @@ class Trainer:
         check_layers(cfg, num_layers(base))  # layer selections against the model's depth
         self.tok = load_tokenizer(base)
         self.images = image_processor_for(base)  # None for a text model
+        self.fmt = prompt_format(cfg.model, self.tok)  # its chat template, or the prefix keys
         for split in ("train", "test"):  # a finite data set is checked whole, before any actor
             n = self.task.num_samples(split)
             # (a generated one by its first sample: an image task with a text model, or the
@@ -108,6 +112,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.policy_init = run_distill(cfg, Path(cfg.cache_dir), cold, cfg.logger.progress)
         self.timings["distill_s"] = time.perf_counter() - t0
+        log.info("RL starts from %s", self.policy_init)
         self.stats_plan = StatsPlan(cfg, self.credit, num_layers(self.policy_init))
 
         leaf_on = cfg.leaf.kl_coef > 0 or cfg.leaf.counterfactual_groups > 0
@@ -211,9 +216,7 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------
     def encode(self, samples):
-        m = self.cfg.model
-        prompts = [encode_prompt(self.tok, s, m.prompt_prefix, m.response_prefix, self.images)
-                   for s in samples]
+        prompts = [encode_prompt(self.tok, s, self.fmt, self.images) for s in samples]
         check_prompt_lengths(prompts, self.cfg.rollout.max_model_len)
         return prompts
 
@@ -368,7 +371,10 @@ class Trainer:
         self.rollouts.prefetch(step)  # async: the engines sample the next steps meanwhile
         avar_mass = timed("score", self.score, batch)
         vars_metrics = timed("vars", self.visual_reward, batch, avar_mass)
+        overlong_metrics = apply_to_rewards(batch, self.overlong, self.cfg.rollout.max_new_tokens)
+        mask = batch.response_mask  # every sampled token (the filter below drops truncated rows)
         adv, credit_metrics = self.advantages(batch, step)
+        overlong_metrics.update(apply_to_mask(batch, self.overlong))  # (after their baselines)
         times["time/credit_s"] = credit_metrics.pop("time_s")
         times["time/stats_s"] = self.last_stats_s
         train_metrics = timed("update", self.update, batch, step, kd)
@@ -383,12 +389,12 @@ class Trainer:
         # then an upper bound) plus the reward stage.
         times["time/vars_share"] = (times["time/stats_s"] + times["time/vars_s"]) / times["time/step_s"]
 
-        mask = batch.response_mask
         n_tokens = float(mask.sum())
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()
         metrics = {
             **reward_metrics, **train_metrics, **times, **sync, **colocate,
             **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics, **vars_metrics,
+            **overlong_metrics,
             "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
             # policy versions between the weights that sampled the batch and the learner's
             "rollout/staleness": float(staleness),
@@ -529,6 +535,8 @@ class Trainer:
                 bar.update(done - bar.n)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
                                 acc=f"{metrics['rollout/accuracy']:.2f}",
+                                # share cut at rollout.max_new_tokens (algorithm.overlong)
+                                truncated=f"{metrics['rollout/truncated']:.2f}",
                                 eval=f"{evals['eval/accuracy']:.2f}")
                 reason = self.stop_reason(done, signals)
                 if reason:

@@ -128,6 +128,19 @@ def image_placeholder_ids(model_path: str) -> list[int]:
     return sorted({getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None})
 
 
+def unsampled_ids(model_path: str) -> list[int]:
+    """Ids no response may contain: a vision-language model's placeholders, and the embedding
+    rows beyond the tokenizer (Qwen pads 151,669 tokens to 151,936 rows; rows that decode to
+    nothing, to which a freshly built or lightly trained model gives real probability). The
+    engines sample without them and the learner gives them logit -inf-ish (rl/engine/frozen.py),
+    so both compute the same renormalised distribution."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    rows = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
+    tokens = len(AutoTokenizer.from_pretrained(model_path))
+    return sorted(set(image_placeholder_ids(model_path)) | set(range(tokens, rows)))
+
+
 def engine_prompt(prompt):
     """A vLLM prompt from token ids, or from {"prompt_token_ids", "images"} (ids with ONE
     image pad per image: vLLM expands it, and would expand already-expanded ids again)."""
@@ -180,9 +193,8 @@ class VLLMEngine(CollectiveReceiver):
         self.cfg = cfg
         self.transport = transport
         on_gpu = torch.cuda.is_available()
-        placeholders = image_placeholder_ids(cfg.model_path)
         mm = ({"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0}}
-              if placeholders else {})
+              if image_placeholder_ids(cfg.model_path) else {})
         self.llm = LLM(
             model=cfg.model_path,
             dtype=cfg.dtype,
@@ -199,10 +211,10 @@ class VLLMEngine(CollectiveReceiver):
             **get_transport(transport).engine_llm_kwargs(),
             **mm,
         )
-        # Sampling may use every token but a VLM's placeholders (None: no restriction).
+        # Sampling may use every token but `unsampled_ids` (None: no restriction).
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
-        self.allowed_ids = ([t for t in range(vocab) if t not in set(placeholders)]
-                            if placeholders else None)
+        banned = set(unsampled_ids(cfg.model_path))
+        self.allowed_ids = [t for t in range(vocab) if t not in banned] if banned else None
         self.weight_version = 0
         self.asleep = 0  # the level it sleeps at (0: awake)
         self.start_s = time.perf_counter() - t0

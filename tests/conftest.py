@@ -44,3 +44,13 @@ def tiny_vl_dir(tmp_path_factory):
     from rl.tiny_vl import build_tiny_vl_model
 
     return str(build_tiny_vl_model(tmp_path_factory.mktemp("tiny_vl")))
+
+
+@pytest.fixture(scope="session")
+def bpe_small_dir(tmp_path_factory):
+    """A small Qwen3 of the kind a download gives: byte-level BPE tokenizer, ChatML chat
+    template, two eos ids in generation_config.json, padded tied vocabulary (rl/bpe_model.py)."""
+    from rl.bpe_model import SMALL_SHAPE, build_bpe_model, task_corpus
+
+    return str(build_bpe_model(tmp_path_factory.mktemp("bpe_small"), SMALL_SHAPE,
+                               task_corpus(per_task=300)))

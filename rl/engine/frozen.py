@@ -22,20 +22,22 @@ def load_model(model_path: str, dtype):
     """The HF model of a folder: a causal LM, or a vision-language model (its config has a
     vision part) whose forward also takes `pixel_values` / `image_grid_thw`.
 
-    A VLM's placeholder tokens (image pads, vision start/end) get logit NEVER in every forward:
-    the rollout engines never sample them (rollout/vllm_engine.py), so the learner's
-    distribution is the engines' — the same renormalised softmax — and the ratio is exact."""
+    The tokens the rollout engines never sample (a VLM's placeholders, a padded vocabulary's
+    rows beyond the tokenizer: rollout/vllm_engine.py `unsampled_ids`) get logit NEVER in every
+    forward, so the learner's distribution is the engines' — the same renormalised softmax —
+    and the ratio is exact. (In place: at a 151,936-row vocabulary a copy of the logits is
+    ~0.3 GB per 512 tokens in float32; the linear's backward does not read its output.)"""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from rollout.vllm_engine import image_placeholder_ids
+    from rollout.vllm_engine import image_placeholder_ids, unsampled_ids
 
-    banned = image_placeholder_ids(model_path)
-    auto = AutoModelForImageTextToText if banned else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if image_placeholder_ids(model_path) else AutoModelForCausalLM
     model = auto.from_pretrained(model_path, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    banned = unsampled_ids(model_path)
     if banned:
         ids = torch.tensor(banned)
         model.get_output_embeddings().register_forward_hook(
-            lambda _m, _i, logits: logits.index_fill(-1, ids.to(logits.device), NEVER))
+            lambda _m, _i, logits: logits.index_fill_(-1, ids.to(logits.device), NEVER))
     return model
 
 

@@ -1,7 +1,7 @@
 """LeaF's unit of data: an input, a reference continuation, and the positions LeaF may prune.
 
 Instruction level (§2.1): the input is the prompt, the continuation the worked solution, the
-prunable region the prompt's own text (not the model's template prefix/suffix). Response level
+prunable region the prompt's own text (not what the model's chat template adds). Response level
 (§2.2): earlier response text becomes context — the input is prompt ⊕ the first segments of
 the solution, the continuation the rest, and the region that response prefix.
 
@@ -17,6 +17,7 @@ import torch
 
 from rl.batch import TOKEN_CLASS
 from rl.data import encode_prompt, pad_rows
+from rl.prompt_format import PLAIN, PromptFormat
 from rl.leaf.confounders import prune
 from rl.tasks import Sample
 
@@ -37,14 +38,13 @@ class Example:
         return bool(self.removed)
 
 
-def instruction_example(tok, sample: Sample, prefix: str = "", suffix: str = "") -> Example:
-    p = encode_prompt(tok, sample, prefix, suffix)
+def instruction_example(tok, sample: Sample, fmt: PromptFormat = PLAIN) -> Example:
+    p = encode_prompt(tok, sample, fmt)
     continuation = tok(sample.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return Example(sample, p.ids, p.classes, list(p.in_text), continuation)
 
 
-def response_example(tok, sample: Sample, prefix: str = "", suffix: str = "",
-                     segments: int = 2) -> Example | None:
+def response_example(tok, sample: Sample, fmt: PromptFormat = PLAIN, segments: int = 2) -> Example | None:
     """The solution's lines split into `segments` parts: the first part becomes context (the
     prunable region), the rest is the continuation. None when the solution has too few lines
     to leave both parts non-empty (its final `####` line always stays in the continuation)."""
@@ -52,7 +52,7 @@ def response_example(tok, sample: Sample, prefix: str = "", suffix: str = "",
     head = math.ceil((len(lines) - 1) / segments)
     if head < 1 or head >= len(lines):
         return None
-    p = encode_prompt(tok, sample, prefix, suffix)
+    p = encode_prompt(tok, sample, fmt)
     context = tok("\n".join(lines[:head]) + "\n", add_special_tokens=False)["input_ids"]
     rest = tok("\n".join(lines[head:]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return Example(sample, p.ids + context, p.classes + [TOKEN_CLASS["response"]] * len(context),

@@ -27,6 +27,7 @@ from rl.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at
 from rl.data import train_samples_at
 from rl.leaf.confounders import precision_recall_f1
 from rl.leaf.detect import detect, greedy_correct, prune_detected, records
+from rl.prompt_format import prompt_format
 from rl.leaf.examples import (Example, batch_tensors, distractor_labels, instruction_example,
                               response_example)
 from rl.tasks import get_task
@@ -120,15 +121,15 @@ def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher
     engines = wait_ready([student_engine, teacher_engine])
     max_new = cfg.rollout.max_new_tokens
     try:
-        originals = [instruction_example(tok, s, m.prompt_prefix, m.response_prefix) for s in samples]
+        fmt = prompt_format(m, tok)
+        originals = [instruction_example(tok, s, fmt) for s in samples]
         correct = greedy_correct(student_engine, originals, tok, pool, max_new)
         wrong = [ex for ex, ok in zip(originals, correct) if not ok]
         report.update(detect_samples=len(samples), student_accuracy=sum(correct) / len(samples),
                       student_wrong=len(wrong))
         levels = [("instruction", wrong)]
         if d.name == "leaf_response":
-            resp = [response_example(tok, ex.sample, m.prompt_prefix, m.response_prefix,
-                                     d.response_segments) for ex in wrong]
+            resp = [response_example(tok, ex.sample, fmt, d.response_segments) for ex in wrong]
             levels.append(("response", [e for e in resp if e is not None]))
         kept: list[Example] = []
         for level, examples in levels:
@@ -175,7 +176,8 @@ def batch_rows(task, tok, cfg, step: int, pruned: list[Example]) -> list[Example
     d, m = cfg.distill, cfg.model
     n_cf = 0 if not pruned else d.batch_size - round(d.mix * d.batch_size)
     n_orig = d.batch_size - n_cf
-    rows = [instruction_example(tok, s, m.prompt_prefix, m.response_prefix)
+    fmt = prompt_format(m, tok)
+    rows = [instruction_example(tok, s, fmt)
             for s in train_samples_at(task, seed_offset(cfg) + step * n_orig, n_orig)]
     rows += [pruned[(step * n_cf + i) % len(pruned)] for i in range(n_cf)]
     return rows

@@ -41,6 +41,10 @@ class Sample:
     meta: Dict[str, Any] = field(default_factory=dict)
     # PIL images of a vision-language task, one per `IMAGE_PAD` in `prompt`, in order.
     images: List[Any] = field(default_factory=list)
+    # Chat turns as (role, start, end) spans of `prompt`, for a conversational row (a system
+    # and a user turn): a model's chat template renders each as its own message. Empty: the
+    # whole prompt is one user turn.
+    turns: List[Tuple[str, int, int]] = field(default_factory=list)
 
     def segment_text(self, key: str) -> List[str]:
         return [self.prompt[s:e] for s, e in self.segments.get(key, [])]
@@ -103,6 +107,7 @@ class PromptBuilder:
         self.segments: Dict[str, List[Span]] = {}
         self.distractors: List[Span] = []
         self.images: List[Any] = []
+        self.turns: List[Tuple[str, int, int]] = []
 
     def add(self, text: str, label: Optional[str] = None) -> "PromptBuilder":
         start, self._len = self._len, self._len + len(text)
@@ -111,6 +116,16 @@ class PromptBuilder:
             self.distractors.append((start, self._len))
         elif label is not None:
             self.segments.setdefault(label, []).append((start, self._len))
+        return self
+
+    def add_turn(self, role: str, text: str, label: Optional[str] = None) -> "PromptBuilder":
+        """A chat turn. A model with a chat template reads each turn as its own message; one
+        without reads the turns joined by newlines."""
+        if self.turns:
+            self.add("\n")
+        start = self._len
+        self.add(text, label)
+        self.turns.append((role, start, self._len))
         return self
 
     def add_image(self, image) -> "PromptBuilder":

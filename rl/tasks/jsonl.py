@@ -27,12 +27,31 @@ class DatasetError(ValueError):
     """A dataset file or row that cannot be used; the message starts with `path:line:`."""
 
 
+ROLES = {"system": "system", "user": "evidence", "assistant": None}  # role -> token class
+
+
 @dataclass
 class Row:
     line: int            # 1-based line (JSONL) or row number (parquet)
-    prompt: str
+    prompt: str          # the prompt text (a conversation's turns joined by newlines)
     answer: str
     solution: str
+    messages: Optional[List[Tuple[str, str]]] = None   # a conversational row: (role, content)
+
+
+def _messages(value: list, path: Path, line: int) -> List[Tuple[str, str]]:
+    """A conversation given as the prompt: {"role", "content"} turns (system / user, and
+    assistant turns of a few-shot prompt), ending with the user turn the model answers."""
+    turns = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise DatasetError(f"{path}:{line}: message {i} must be {{'role': one of "
+                               f"{sorted(ROLES)}, 'content': str}}, got {m!r:.80}")
+        turns.append((m["role"], m["content"].strip()))
+    if not turns or turns[-1][0] != "user":
+        raise DatasetError(f"{path}:{line}: the messages must end with a user turn (the one the "
+                           f"model answers), got roles {[r for r, _ in turns]}")
+    return turns
 
 
 def _records(path: Path) -> Iterator[Tuple[int, Any]]:
@@ -89,7 +108,10 @@ def load_rows(path: Path, prompt_keys: Sequence[str], answer_keys: Sequence[str]
     for line, rec in _records(path):
         if not isinstance(rec, dict):
             raise DatasetError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
-        prompt = _field(rec, prompt_keys, path, line, (str,))
+        prompt = _field(rec, prompt_keys, path, line, (str, list))
+        messages = _messages(prompt, path, line) if isinstance(prompt, list) else None
+        if messages:
+            prompt = "\n".join(content for _, content in messages)
         raw_answer = str(_field(rec, answer_keys, path, line, (str, int, float)))
         answer = normalize_answer(raw_answer)
         if not prompt.strip() or not answer:
@@ -97,7 +119,7 @@ def load_rows(path: Path, prompt_keys: Sequence[str], answer_keys: Sequence[str]
         worked = next((rec[k] for k in solution_keys if isinstance(rec.get(k), str)), None)
         if worked is None:   # a worked answer field (GSM8K) is a solution; a bare "42" is not
             worked = raw_answer if extract_answer(raw_answer) is not None else ""
-        rows.append(Row(line, prompt.strip(), answer, worked_solution(worked, answer)))
+        rows.append(Row(line, prompt.strip(), answer, worked_solution(worked, answer), messages))
     if not rows:
         raise DatasetError(f"{path}: no rows")
     return rows
@@ -116,7 +138,10 @@ class JsonlTask(Task):
     """
     path: str = ""
     test_path: Optional[str] = None
-    prompt_key: Optional[str] = None       # None: "question", then "problem"
+    # None: "question", "problem", "prompt", then "messages". A string, or a conversation: a
+    # list of {"role": system|user|assistant, "content"} ending with the user turn; a
+    # conversation is used as given (no `instruction` added: its system turn is the instruction).
+    prompt_key: Optional[str] = None
     answer_key: Optional[str] = None       # None: "answer", then "solution"
     solution_key: Optional[str] = None     # None: "solution", then the answer field
     instruction: str = INSTRUCTION
@@ -130,7 +155,7 @@ class JsonlTask(Task):
     def __post_init__(self) -> None:
         if not self.path:
             raise DatasetError(f"task {self.name!r}: pass path=<file.jsonl|file.parquet>")
-        keys = dict(prompt_keys=_as_keys(self.prompt_key, ("question", "problem")),
+        keys = dict(prompt_keys=_as_keys(self.prompt_key, ("question", "problem", "prompt", "messages")),
                     answer_keys=_as_keys(self.answer_key, ("answer", "solution")),
                     solution_keys=_as_keys(self.solution_key, ("solution",)))
         train = load_rows(Path(self.path), **keys)
@@ -175,11 +200,16 @@ class JsonlTask(Task):
         check_split(split)
         i = self._row_index(split, index)
         row = self._splits[split][i]
-        b = PromptBuilder().add(self.instruction, "system").add(row.prompt, "evidence").add("\n")
+        if row.messages:
+            b = PromptBuilder()
+            for role, content in row.messages:
+                b.add_turn(role, content, ROLES[role])
+        else:
+            b = PromptBuilder().add(self.instruction, "system").add(row.prompt, "evidence").add("\n")
         source = self.test_path if split == TEST and self.test_path else self.path
         return Sample(uid=f"{self.name}-{split}-{i}", task=self.verifier, prompt=b.text,
                       answer=row.answer, solution=row.solution, segments=b.segments,
-                      distractors=[], meta={"source": source, "line": row.line})
+                      distractors=[], meta={"source": source, "line": row.line}, turns=b.turns)
 
 
 def _canon(prompt: str) -> str:
@@ -187,11 +217,13 @@ def _canon(prompt: str) -> str:
 
 
 def gsm8k_preset(**params: Any) -> JsonlTask:
-    """GSM8K rows: `question`, and `answer` = worked text ending in `#### <number>`."""
-    params = {"prompt_key": "question", "answer_key": "answer", "solution_key": "answer", **params}
+    """GSM8K rows: `question` (or a conversation in `messages` / `prompt`), and `answer` =
+    worked text ending in `#### <number>`."""
+    params = {"answer_key": "answer", "solution_key": "answer", **params}
     return JsonlTask(**{"name": "gsm8k", **params})
 
 
 def math_preset(**params: Any) -> JsonlTask:
-    """MATH rows: `problem`, `solution` with a `\\boxed{}` answer (and optionally `answer`)."""
-    return JsonlTask(**{"name": "math", "prompt_key": "problem", **params})
+    """MATH rows: `problem` (or a conversation), `solution` with a `\\boxed{}` answer (and
+    optionally `answer`)."""
+    return JsonlTask(**{"name": "math", **params})

@@ -126,6 +126,7 @@ def hf_greedy_eval(hf_dir: Path, dataset) -> tuple[float, float, list[list[int]]
 
     from rewards.verifiers import resolve
     from rl.data import encode_prompt
+    from rl.prompt_format import PromptFormat
     from rl.tasks import get_task
 
     cfg = make_cfg(hf_dir.parent / "unused", "unused", dataset)
@@ -136,7 +137,7 @@ def hf_greedy_eval(hf_dir: Path, dataset) -> tuple[float, float, list[list[int]]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hits, gaps, responses, texts = [], [], [], []
     for s in samples:
-        ids = encode_prompt(tok, s, cfg.model.prompt_prefix, cfg.model.response_prefix).ids
+        ids = encode_prompt(tok, s, PromptFormat(cfg.model.prompt_prefix, cfg.model.response_prefix)).ids
         assert tok.decode(ids) == s.prompt  # one token per character, nothing added
         with torch.no_grad():
             gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),

@@ -62,7 +62,7 @@ def test_malformed_file_names_path_line_and_key():
 
 @pytest.mark.parametrize("line3,fragment", [
     ('{"question": "q3", "answer": "#### 3"', "invalid JSON"),
-    ('{"question": 17, "answer": "#### 3"}', "field 'question' must be str, got int"),
+    ('{"question": 17, "answer": "#### 3"}', "field 'question' must be str or list, got int"),
     ('{"question": "q3", "answer": ["3"]}', "field 'answer' must be str or int or float, got list"),
     ('{"question": "q3", "answer": null}', "got NoneType"),
     ('["q3", "3"]', "expected a JSON object"),

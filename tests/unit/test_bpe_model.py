@@ -6,11 +6,7 @@ import pytest
 import torch
 
 from rl.bpe_model import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, REAL_SHAPE, SPECIAL_TOKENS,
-                          BpeModelSpec, build_bpe_model, model_config, task_corpus)
-
-SMALL = BpeModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=1024,
-                     bpe_vocab=600, max_position_embeddings=1024, dtype="float32")
+                          SMALL_SHAPE as SMALL, build_bpe_model, model_config, task_corpus)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from rl.algorithms.losses import distill_loss, forward_kl, forward_kl_topk
 from rl.engine.frozen import FrozenModel, input_grad_norms, next_token_logprobs, topk_logprobs
 from rl.leaf.detect import detect
 from rl.leaf.examples import batch_tensors, counterfactuals, instruction_example, response_example
+from rl.prompt_format import PromptFormat
 from rl.tasks import get_task
 from rl.teacher import student_vocab_size
 from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
@@ -200,7 +201,7 @@ def test_detection_with_the_student_as_its_own_teacher_finds_nothing(model_dir):
 def test_detection_on_a_different_teacher_masks_region_tokens_only(model_dir, teacher_dir):
     tok = build_char_tokenizer()
     task = get_task("arith", seed=1, distractor_prob=1.0)
-    examples = [instruction_example(tok, task.sample("train", i), prefix="Q: ", suffix="A:")
+    examples = [instruction_example(tok, task.sample("train", i), PromptFormat("Q: ", "A:"))
                 for i in range(6)]
     det = detect(examples, FrozenModel(teacher_dir), FrozenModel(model_dir), tok, 0.1, 0.5)
     assert det.confounders.any()
