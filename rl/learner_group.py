@@ -259,6 +259,10 @@ class LearnerGroup:
     def optimizer_state_digest(self) -> float:
         return float(sum(self._all("optimizer_state_digest")))
 
+    def memory(self) -> dict[str, float]:
+        """The fullest rank's memory (rl/engine/deepspeed_engine.py `memory`)."""
+        return max(self._all("memory"), key=lambda m: m["peak_gb"])
+
     def shutdown(self) -> None:
         """Close a collective transport's group, kill the ranks and return once their
         processes have exited (so their GPU memory is free for what starts next)."""

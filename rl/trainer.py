@@ -378,6 +378,7 @@ class Trainer:
         times["time/credit_s"] = credit_metrics.pop("time_s")
         times["time/stats_s"] = self.last_stats_s
         train_metrics = timed("update", self.update, batch, step, kd)
+        memory = timed("memory", self.learner.memory)  # after the update: its peak, its state
         sync = timed("sync", self.sync_weights, step + 1)  # (offloads the learner first)
         times["time/step_s"] = time.perf_counter() - t_step
         # What attention credit costs: the statistics pass inside the scoring forward plus γ.
@@ -394,7 +395,7 @@ class Trainer:
         metrics = {
             **reward_metrics, **train_metrics, **times, **sync, **colocate,
             **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics, **vars_metrics,
-            **overlong_metrics,
+            **overlong_metrics, **{f"perf/learner_{k}": v for k, v in memory.items()},
             "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
             # policy versions between the weights that sampled the batch and the learner's
             "rollout/staleness": float(staleness),
@@ -476,7 +477,10 @@ class Trainer:
 
         self.state.update({"step": step, "seed": self.cfg.seed,
                            "data_position": step * self.alg.prompts_per_step})
-        return self.ckpts.save(step, self.state, write)
+        t0 = time.perf_counter()
+        path = self.ckpts.save(step, self.state, write)
+        self.timings["last_save_s"] = time.perf_counter() - t0  # (summary.json)
+        return path
 
     # --- the loop ------------------------------------------------------------------------------
     def stop_reason(self, done: int, signals: StopOnSignal) -> str | None:
