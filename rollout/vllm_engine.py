@@ -186,31 +186,11 @@ class VLLMEngine(CollectiveReceiver):
         torch.set_num_threads(cfg.torch_threads or max(
             1, len(os.sched_getaffinity(0)) // (cfg.engines_on_node * cfg.cpu_groups)))
 
-        from rollout.vllm_internals import WORKER_EXTENSION
-        from rollout.weight_sync import get_transport
-
         t0 = time.perf_counter()
         self.cfg = cfg
         self.transport = transport
         on_gpu = torch.cuda.is_available()
-        mm = ({"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0}}
-              if image_placeholder_ids(cfg.model_path) else {})
-        self.llm = LLM(
-            model=cfg.model_path,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            gpu_memory_utilization=memory_utilization(cfg, on_gpu),
-            seed=cfg.seed,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION,
-            distributed_executor_backend="uni" if in_process else "mp",
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            enable_sleep_mode=cfg.sleep_level > 0,
-            **scheduling_args(cfg, on_gpu),
-            **get_transport(transport).engine_llm_kwargs(),
-            **mm,
-        )
+        self.llm = self._start(LLM, cfg, on_gpu)
         # Sampling may use every token but `unsampled_ids` (None: no restriction).
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         banned = set(unsampled_ids(cfg.model_path))
@@ -218,6 +198,42 @@ class VLLMEngine(CollectiveReceiver):
         self.weight_version = 0
         self.asleep = 0  # the level it sleeps at (0: awake)
         self.start_s = time.perf_counter() - t0
+
+    def _start(self, LLM, cfg: EngineConfig, on_gpu: bool):
+        """vLLM's engine for `cfg`; a KV cache that does not fit says which key to change."""
+        from rollout.vllm_internals import WORKER_EXTENSION
+        from rollout.weight_sync import get_transport
+
+        mm = ({"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0}}
+              if image_placeholder_ids(cfg.model_path) else {})
+        share = memory_utilization(cfg, on_gpu)
+        in_process = cfg.tensor_parallel_size == 1
+        try:
+            return LLM(
+                model=cfg.model_path,
+                dtype=cfg.dtype,
+                max_model_len=cfg.max_model_len,
+                enforce_eager=cfg.enforce_eager,
+                gpu_memory_utilization=share,
+                seed=cfg.seed,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=WORKER_EXTENSION,
+                distributed_executor_backend="uni" if in_process else "mp",
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                enable_sleep_mode=cfg.sleep_level > 0,
+                **scheduling_args(cfg, on_gpu),
+                **get_transport(self.transport).engine_llm_kwargs(),
+                **mm,
+            )
+        except ValueError as err:  # vLLM's "... less than requested memory for kv ..."
+            if "kv" not in str(err).lower():
+                raise
+            where = "host RAM (vLLM-CPU)" if not on_gpu else "the GPU"
+            raise ValueError(
+                f"{err}\nThe engine may use rollout.gpu_memory_utilization={share} of {where} for "
+                "its weights, its profiling forward and the KV cache, and that is not enough for "
+                "this model: raise it (a Qwen3-0.6B-shaped model on CPU: 0.2 of 24 GiB, "
+                "benchmarks/results/real_shape/) or lower rollout.max_num_batched_tokens") from None
 
     def ready(self) -> dict:
         """Start time and where this engine runs (its node and the GPUs Ray gave it)."""
