@@ -129,6 +129,7 @@ class Sampler:
         self.driver_pid, self.interval_s, self.uss = driver_pid, interval_s, uss
         self.book = RoleBook()
         self.peaks: dict[str, int] = {}
+        self.uss_peaks: dict[str, int] = {}
         self.series: list[dict] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -144,6 +145,9 @@ class Sampler:
             for r in records:
                 row[r["role"]] = r["rss_bytes"]
                 self.peaks[r["role"]] = max(self.peaks.get(r["role"], 0), r["rss_bytes"])
+                if "uss_bytes" in r:  # pages this process alone maps (no shared memory)
+                    row[f"{r['role']} uss"] = r["uss_bytes"]
+                    self.uss_peaks[r["role"]] = max(self.uss_peaks.get(r["role"], 0), r["uss_bytes"])
             self.series.append(row)
             return records
 

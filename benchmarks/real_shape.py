@@ -56,14 +56,16 @@ def overrides(model: Path, run_dir: Path, a) -> list[str]:
             f"rollout.max_model_len={a.max_new_tokens + 768}", *a.extra]
 
 
-def launch(cmd: list[str], log: Path, interval_s: float) -> tuple[int, float, dict]:
-    """Run one trainer process; (exit code, wall seconds, peak RSS per role in bytes)."""
+def launch(cmd: list[str], log: Path, interval_s: float) -> tuple[int, float, dict, list]:
+    """Run one trainer process; (exit code, wall seconds, {role: (peak RSS, peak USS) bytes},
+    the sampled series {t, role: RSS bytes, "role uss": USS bytes})."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-    with Sampler(proc.pid, interval_s) as sampler:
+    with Sampler(proc.pid, interval_s, uss=True) as sampler:
         proc.wait()
-    return proc.returncode, time.perf_counter() - t0, dict(sampler.peaks)
+    peaks = {r: (v, sampler.uss_peaks.get(r, 0)) for r, v in sampler.peaks.items()}
+    return proc.returncode, time.perf_counter() - t0, peaks, sampler.series
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:
@@ -141,15 +143,19 @@ def report(a, spec, params: int, runs: dict, mA: dict, mB: dict, sA: dict, sB: d
           "| key | run A | run B | equal |", "| --- | ---: | ---: | :---: |"]
     for k, (x, y, ok) in resume_ok.items():
         L.append(f"| {k} | {x:.7g} | {y:.7g} | {'yes' if ok else 'NO'} |")
-    roles = sorted(set(sA) | set(sB), key=lambda r: (-max(sA.get(r, 0), sB.get(r, 0)), r))
-    L += ["", "## Peak RSS per process (GiB; RSS counts shared pages, so a sum overstates)", "",
-          "| process | run A | run B |", "| --- | ---: | ---: |"]
-    small = [r for r in roles if max(sA.get(r, 0), sB.get(r, 0)) < 0.2 * GiB]
+    peak = {r: max(sA.get(r, (0, 0))[0], sB.get(r, (0, 0))[0]) for r in set(sA) | set(sB)}
+    roles = sorted(peak, key=lambda r: (-peak[r], r))
+    L += ["", "## Peak memory per process (GiB). RSS counts shared pages (Ray's object store, "
+          "libraries), so a sum overstates; USS counts the pages only that process maps", "",
+          "| process | run A RSS | run A USS | run B RSS | run B USS |",
+          "| --- | ---: | ---: | ---: | ---: |"]
+    small = [r for r in roles if peak[r] < 0.2 * GiB]
     for r in roles:
         if r not in small:
-            L.append(f"| {r} | {sA.get(r, 0) / GiB:.2f} | {sB.get(r, 0) / GiB:.2f} |")
+            (ra, ua), (rb, ub) = sA.get(r, (0, 0)), sB.get(r, (0, 0))
+            L.append(f"| {r} | {ra / GiB:.2f} | {ua / GiB:.2f} | {rb / GiB:.2f} | {ub / GiB:.2f} |")
     if small:
-        L.append(f"| {len(small)} more (Ray's daemons, idle workers), each under | 0.2 | 0.2 |")
+        L.append(f"| {len(small)} more (Ray's daemons, idle workers), each RSS under 0.2 | | | | |")
     return "\n".join(L) + "\n"
 
 
@@ -190,11 +196,11 @@ def main(argv: list[str]) -> int:
         cmd = [sys.executable, "-m", "launch.train", *overrides(model, run_dir, a),
                *(["resume=true"] if name == "B" else [])]
         print(f"real_shape: run {name}: {' '.join(cmd[2:])}", flush=True)
-        rc, wall, peaks = launch(cmd, a.work / f"run_{name}.log", a.interval)
+        rc, wall, peaks, series = launch(cmd, a.work / f"run_{name}.log", a.interval)
         if rc != 0:
             print(f"real_shape: run {name} exited {rc}; see {a.work / f'run_{name}.log'}")
             return rc
-        runs[name] = {"cmd": cmd, "wall_s": wall, "peaks": peaks,
+        runs[name] = {"cmd": cmd, "wall_s": wall, "peaks": peaks, "rss_series": series,
                       "summary": json.loads((run_dir / "summary.json").read_text())}
         print(f"real_shape: run {name} done in {wall:.0f} s", flush=True)
 

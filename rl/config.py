@@ -274,6 +274,10 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None     # None = start a local Ray instance
     num_cpus: Optional[int] = None
+    # A local instance's object store (shared memory), GiB; null: Ray's default, 30% of RAM.
+    # Weight payloads pass through it, and pages it has once used stay resident, so on a small
+    # machine a large model's payloads fill it up to that size (benchmarks/results/real_shape/).
+    object_store_gb: Optional[float] = None
     # Longest wait for one call into the actors (a generation, a minibatch update, a sync): a
     # dead actor is noticed at once, a silent one after this; then the run recovers or stops.
     call_timeout_s: float = 900.0
@@ -451,6 +455,10 @@ def check_sizes(cfg) -> None:
                          "(steps=0: evaluate the starting policy only; keep_last=0: keep all)")
     if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < 1:
         raise ValueError(f"cluster.num_cpus={cfg.cluster.num_cpus}: must be >= 1 (or null)")
+    store = cfg.cluster.object_store_gb
+    if store is not None and (cfg.cluster.address or store < 0.1):
+        raise ValueError(f"cluster.object_store_gb={store}: sets a local instance's store, "
+                         "at least 0.1 GiB (a cluster's is set by `ray start --object-store-memory`)")
 
 
 def check_layers(cfg, num_layers: int = 1 << 16) -> None:

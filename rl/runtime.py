@@ -57,7 +57,8 @@ def init_ray(cluster) -> None:
         return
     # Logical CPUs only gate scheduling; actors take fractions, phases alternate in time.
     num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, 4)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+    store = int(cluster.object_store_gb * 2**30) if cluster.object_store_gb else None
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=store, include_dashboard=False,
              runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=True,
              logging_level=logging.WARNING)
 

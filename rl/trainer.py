@@ -517,7 +517,8 @@ class Trainer:
             self.tracker.log({**self.state["cold_start_eval"],
                               "time/eval_s": time.perf_counter() - t0}, step=0)
             self.log_vas_plot(self.state["cold_start_eval"], 0)
-            log.info("held-out accuracy of the cold-start model: %s", self.state["cold_start_eval"])
+            log.info("held-out accuracy before RL (of %s): %s", self.policy_init,
+                     self.state["cold_start_eval"])
         bar = tqdm(total=cfg.steps, initial=self.step, desc="RL",
                    disable=not cfg.logger.progress, dynamic_ncols=True)
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
