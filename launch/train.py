@@ -57,10 +57,13 @@ def sweep_job_output_dir(cfg: DictConfig) -> None:
 
 
 def print_summary(summary: dict, cfg) -> None:
+    from rl.cold_start import cold_start_on
+
+    start = "cold-start model" if cold_start_on(cfg) else "given checkpoint"
     lines = [
         "",
         f"=== {cfg.name} seed={cfg.seed}: {summary['steps']} RL steps on task '{cfg.task.name}' ===",
-        f"held-out accuracy, cold-start model : {summary['cold_start_accuracy']:.3f} greedy, "
+        f"held-out accuracy, {start:<16} : {summary['cold_start_accuracy']:.3f} greedy, "
         f"{summary['cold_start_accuracy_sampled']:.3f} sampled",
         f"held-out accuracy, final policy     : {summary['final_accuracy']:.3f} greedy, "
         f"{summary['final_accuracy_sampled']:.3f} sampled",
