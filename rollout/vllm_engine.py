@@ -232,7 +232,7 @@ class VLLMEngine(CollectiveReceiver):
             raise ValueError(
                 f"{err}\nThe engine may use rollout.gpu_memory_utilization={share} of {where} for "
                 "its weights, its profiling forward and the KV cache, and that is not enough for "
-                "this model: raise it (a Qwen3-0.6B-shaped model on CPU: 0.2 of 24 GiB, "
+                "this model: raise it (a Qwen3-0.6B-shaped model on CPU: 0.15 of 24 GiB, "
                 "benchmarks/results/real_shape/) or lower rollout.max_num_batched_tokens") from None
 
     def ready(self) -> dict:
