@@ -96,8 +96,8 @@ def report(a, spec, params: int, runs: dict, mA: dict, mB: dict, sA: dict, sB: d
          "", f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB, Linux "
          f"{platform.release()}, Python {platform.python_version()}. Date: "
-         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Nothing else ran alongside."
-         if not a.alongside else f"Ran alongside: {a.alongside}.",
+         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+         + (f"Ran alongside: {a.alongside}." if a.alongside else "Nothing else ran alongside."),
          "", f"Model: {params:,} parameters ({spec.num_hidden_layers} layers, hidden "
          f"{spec.hidden_size}, {spec.num_attention_heads}/{spec.num_key_value_heads} heads × "
          f"{spec.head_dim}, vocabulary {spec.vocab_size:,} rows for {spec.bpe_vocab:,} BPE tokens, "
@@ -120,7 +120,7 @@ def report(a, spec, params: int, runs: dict, mA: dict, mB: dict, sA: dict, sB: d
                                                              "sync/engine_load_s")), None),
             ("logprob gap, sampler vs learner: mean", lambda m: m.get("rollout/logprob_gap"), 4),
             ("logprob gap: max", lambda m: m.get("rollout/logprob_gap_max"), 3),
-            ("learner peak RSS GiB (after the update)", lambda m: m.get("perf/learner_peak_gb"), 2),
+            ("learner peak RSS so far, GiB (high-water mark, after the update)", lambda m: m.get("perf/learner_peak_gb"), 2),
             ("learner live tensors GiB", lambda m: m.get("perf/learner_tensor_gb"), 2),
             ("learner live tensors, bytes per parameter",
              lambda m: m.get("perf/learner_tensor_bytes_per_param"), 2)]
@@ -157,6 +157,33 @@ def report(a, spec, params: int, runs: dict, mA: dict, mB: dict, sA: dict, sB: d
     if small:
         L.append(f"| {len(small)} more (Ray's daemons, idle workers), each RSS under 0.2 | | | | |")
     return "\n".join(L) + "\n"
+
+
+def plot_memory(runs: dict, path: Path) -> None:
+    """RSS (solid) and USS (dashed) of the learner, the engine and the driver over each run,
+    so where memory goes — the update's peak, a sync, a checkpoint — can be seen, not read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.6), sharey=True)
+    for ax, (name, run) in zip(axes, runs.items()):
+        series = run["rss_series"]
+        t0 = series[0]["t"] if series else 0.0
+        for role, colour in (("learner0", "C0"), ("engine0", "C1"), ("driver", "C2")):
+            t = [(r["t"] - t0) / 60 for r in series if role in r]
+            ax.plot(t, [r[role] / GiB for r in series if role in r], colour, label=f"{role} RSS")
+            ax.plot([(r["t"] - t0) / 60 for r in series if f"{role} uss" in r],
+                    [r[f"{role} uss"] / GiB for r in series if f"{role} uss" in r], colour + "--",
+                    label=f"{role} USS")
+        ax.set_title(f"run {name}" + (" (resumed at step 2)" if name == "B" else ""))
+        ax.set_xlabel("minutes")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("GiB")
+    axes[-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str]) -> int:
@@ -219,6 +246,7 @@ def main(argv: list[str]) -> int:
         {"params": params, "runs": {k: {**v, "cmd": v["cmd"][2:]} for k, v in runs.items()},
          "metrics_A": mA, "metrics_B": mB, "resume": resume_ok, "checkpoint_bytes": ckpt},
         indent=1, default=str))
+    plot_memory(runs, a.out / f"{stem}_memory.png")
     print(text)
     return 0 if all(ok for *_, ok in resume_ok.values()) else 1
 
