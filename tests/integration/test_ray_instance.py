@@ -12,8 +12,9 @@ SCRIPT = """
 import ray
 from omegaconf import OmegaConf
 from rl.runtime import init_ray
-init_ray(OmegaConf.create({"name": "local", "address": None, "num_cpus": 3}))
+init_ray(OmegaConf.create({"name": "local", "address": None, "num_cpus": 3, "object_store_gb": 0.5}))
 print("CPUS", ray.cluster_resources()["CPU"])
+print("STORE", ray.cluster_resources()["object_store_memory"])
 ray.shutdown()
 """
 
@@ -24,3 +25,4 @@ def test_local_cluster_ignores_a_stale_ray_address(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "CPUS 3.0" in proc.stdout   # our instance, with our num_cpus
+    assert f"STORE {0.5 * 2**30}" in proc.stdout   # and cluster.object_store_gb
