@@ -6,9 +6,10 @@ warm-up.
     python benchmarks/soak.py --resume                      # continue a run killed part-way
     python benchmarks/soak.py --steps 6 --every 2 --warmup 2 --out /tmp/soak -- eval_every=3
 
-It runs `python -m launch.train output_dir=<run-dir> steps=<steps> logger=none [overrides]` as a
-subprocess, unchanged otherwise: the default eval_every / save_every / keep_last are what a real
-run does (evals, checkpoints written and rotated), which is where a leak would come from. A
+It runs `python -m launch.train output_dir=<run-dir> steps=<steps> [overrides]` as a
+subprocess, unchanged otherwise: the default eval_every / save_every / keep_last and the W&B
+logger (offline here) are what a real run does (evals, checkpoints written and rotated, W&B
+files growing), which is where a leak would come from. A
 sampler thread (benchmarks/actor_memory.py) reads the process tree every --interval seconds for
 per-role peaks; each time metrics.jsonl (rl/tracking.py, one row per step) reaches a multiple
 of --every, one sample row is recorded: RSS (and with --uss, USS) per role, open fds per role,
@@ -272,7 +273,7 @@ def main(argv: list[str]) -> int:
         segment = 0
     start = latest_checkpoint_step(run_dir) if args.resume else 0
     cmd = [sys.executable, "-m", "launch.train", f"output_dir={run_dir}", f"steps={args.steps}",
-           "logger=none", *extra] + (["resume=true"] if args.resume else [])
+           *extra] + (["resume=true"] if args.resume else [])
     vm = psutil.virtual_memory()
     data.update(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 soak_argv=[os.path.relpath(__file__, ROOT), *argv],
