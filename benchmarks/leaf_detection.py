@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def compose_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from rl.config import check_config, register_configs
+    from rl.config import register_configs
+    from rl.config_checks import check_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from rl.config import learner_attention
+from rl.config_checks import learner_attention
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup, with_accum
 from rl.placement import check_shared_dirs, cluster_gpus
@@ -68,7 +68,7 @@ def stage_session(cfg):
     """For entry points that run one pipeline stage (launch.sft, launch.distill): the config
     checked before anything starts, Ray up for the stage's actors, and down afterwards."""
     from rl.cold_start import base_model_path
-    from rl.config import check_config, check_layers
+    from rl.config_checks import check_config, check_layers
     from rl.scoring_plan import num_layers
 
     check_config(cfg)

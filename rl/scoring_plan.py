@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kernels.capture import select_layers
 from rl.avar.visual_attention import VisualAttention
-from rl.config import vas_at_eval
+from rl.config_checks import vas_at_eval
 
 
 def num_layers(model_path: str) -> int:

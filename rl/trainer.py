@@ -27,7 +27,7 @@ from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, check_same_run
 from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
 from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
-from rl.config import build_credit, check_config, check_layers, overlong_config
+from rl.config_checks import build_credit, check_config, check_layers, overlong_config
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
 from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
 from rl.leaf.detect import records

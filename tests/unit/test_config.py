@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from rl.config import (AlgorithmConfig, CreditConfig, DistillConfig, LearnerConfig, LoggerConfig,
-                       ModelConfig, RolloutConfig, TaskConfig, TeacherConfig, check_config,
-                       register_configs)
+                       ModelConfig, RolloutConfig, TaskConfig, TeacherConfig, register_configs)
+from rl.config_checks import check_config
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -106,7 +106,7 @@ def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name", ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled"])
 def test_every_credit_file_builds_and_picks_the_attention(name):
-    from rl.config import build_credit, learner_attention
+    from rl.config_checks import build_credit, learner_attention
 
     cfg = load([f"credit={name}"])
     check_config(cfg)
@@ -157,7 +157,7 @@ def test_avar_settings_fail_before_any_actor(overrides, message):
     (["avar.vas=always"], "kernels"), (["avar.vas=auto"], "sdpa"),
 ])
 def test_avar_picks_the_kernels_when_it_reads_attention(overrides, attention):
-    from rl.config import learner_attention
+    from rl.config_checks import learner_attention
 
     cfg = load(overrides)
     check_config(cfg)
@@ -222,7 +222,7 @@ def test_gpu_only_choices_need_a_gpu_here(override):
 def test_layer_selections_accept_indices_and_check_the_range(value, want):
     from kernels.capture import select_layers
 
-    from rl.config import check_layers
+    from rl.config_checks import check_layers
 
     assert select_layers(value, 4) == want
     cfg = load([f"learner.stats_layers='{value}'"])

@@ -2,7 +2,7 @@
 check_config first, naming the key (this machine has no GPU: the CPU rules apply)."""
 import pytest
 
-from rl.config import check_config
+from rl.config_checks import check_config
 from tests.unit.test_config import load
 
 

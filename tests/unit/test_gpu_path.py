@@ -4,7 +4,7 @@ rules of the GPU weight transports, and the GPU-only config combinations refused
 actor starts. Each case is worked by hand from the rule it checks."""
 import pytest
 
-from rl.config import check_config
+from rl.config_checks import check_config
 from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
 from rl.placement import check_transport_placement
 from rollout.vllm_engine import EngineConfig, memory_utilization

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rl.config import build_credit, register_configs
+from rl.config import register_configs
+from rl.config_checks import build_credit
 from rl.scoring_plan import StatsPlan, merge_requests
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
