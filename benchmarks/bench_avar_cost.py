@@ -1,5 +1,5 @@
 """What AGTO adds to the cold start, on this machine: the same cold start (`python -m
-launch.sft`, fresh cache, same steps and data) with `cold_start.objective=lm` and `=agto`, side
+launch.sft`, fresh cache, same steps and data) with `avar=none` (next-token loss) and `avar=agto`, side
 by side, as the SFT loop's own wall time ("N SFT steps in X s"). AGTO's extra work is one
 indicator-valued attention call per selected layer (forward and backward).
 
@@ -21,7 +21,7 @@ SFT_TIME = re.compile(r"cold_start: (\d+) SFT steps in ([\d.]+) s")
 def sft_seconds(objective: str, steps: int, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as cache:
         out = subprocess.run(
-            [sys.executable, "-m", "launch.sft", f"cold_start.objective={objective}",
+            [sys.executable, "-m", "launch.sft", "avar=agto" if objective == "agto" else "avar=none",
              f"cold_start.steps={steps}", f"cache_dir={cache}", "cold_start.reuse=false",
              "logger.progress=false", f"hydra.run.dir={cache}/hydra", *extra],
             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=True).stdout

@@ -231,6 +231,7 @@ def reference_grads(q, k, v, do) -> dict[str, torch.Tensor]:
 # --- part 2: the learner ---------------------------------------------------------------------------
 def learner_rows(a) -> list[Row]:
     from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, token_logprobs
+    from rl.algorithms.losses import SftLoss
     from rl.engine.frozen import load_model
     from rollout.weight_sync import get_transport
 
@@ -261,12 +262,12 @@ def learner_rows(a) -> list[Row]:
         # 1. training speed and peak memory
         norm = float(b["response_mask"].sum())
         try:
-            first = eng.train_minibatch([b], "sft", None, norm)["loss"]  # warm-up (Triton compiles)
+            first = eng.train_minibatch([b], SftLoss(norm))["loss"]  # warm-up (Triton compiles)
             if a.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(a.device)
             t0 = time.perf_counter()
-            losses = [eng.train_minibatch([b], "sft", None, norm)["loss"] for _ in range(a.steps)]
+            losses = [eng.train_minibatch([b], SftLoss(norm))["loss"] for _ in range(a.steps)]
             sync(a.device)
             step_s = (time.perf_counter() - t0) / a.steps
             rows.append(("train step (ZeRO-2, checkpointing)",
@@ -384,7 +385,7 @@ def learner_rows(a) -> list[Row]:
             rows.append(("optimizer state after offload + reload",
                          f"Σ|exp_avg| {digest_after:.6g} vs {digest:.6g} before (want equal)",
                          digest_after == digest and digest > 0))
-            after_loss = eng.train_minibatch([b], "sft", None, norm)["loss"]
+            after_loss = eng.train_minibatch([b], SftLoss(norm))["loss"]
             rows.append(("loss of the step after the reload", f"{after_loss:.4f} (want finite)",
                          math.isfinite(after_loss)))
         except Exception:  # noqa: BLE001

@@ -55,6 +55,7 @@ def worker(args) -> int:
 
     from gpu_learner_check import SHAPES
     from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig
+    from rl.algorithms.losses import SftLoss
 
     rank = int(os.environ["RANK"])
     seen = {"local_rank_given": os.environ["LOCAL_RANK"],
@@ -66,7 +67,7 @@ def worker(args) -> int:
     vocab = SHAPES["tiny"]["vocab_size"]
     mine = micro_batch(vocab, seed=1 + rank)  # data parallelism: each rank its own rows
     normaliser = float(sum(micro_batch(vocab, seed=1 + r)["response_mask"].sum() for r in (0, 1)))
-    out = eng.train_minibatch([mine], "sft", None, normaliser)
+    out = eng.train_minibatch([mine], SftLoss(normaliser))
     probe = {k: v for k, v in micro_batch(vocab, seed=99).items() if k != "response_mask"}
     lp = eng.score(probe, 1.0)["logprobs"]
     result = {"rank": rank, **seen, "device": str(eng.device),

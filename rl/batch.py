@@ -26,12 +26,13 @@ class RolloutBatch:
     group_ids: torch.Tensor           # [B] long: responses of one prompt share an id
     rewards: torch.Tensor             # [B] float32
     token_weights: torch.Tensor       # [B, T] float32: credit γ, ones by default
+    correct: torch.Tensor | None = None        # [B] float32: the task verifier's score (rewards stage)
     old_logprobs: torch.Tensor | None = None   # [B, T] learner-recomputed at the start of the step
     ref_logprobs: torch.Tensor | None = None   # [B, T] frozen reference (KL)
     entropy: torch.Tensor | None = None        # [B, T] learner entropy of the next-token dist.
     seq_advantages: torch.Tensor | None = None  # [B] per-response advantage (before credit)
     advantages: torch.Tensor | None = None     # [B, T] = seq_advantages × token_weights
-    attn_stats: dict[str, Any] | None = None   # per-layer attention statistics (credit methods)
+    attn_stats: dict[str, Any] | None = None   # {layer: {statistic: [B, H, T]}}: every reader's layers
     # A vision-language model's images (per row, so rows split over ranks with their pixels):
     pixel_values: torch.Tensor | None = None    # [B, patches, D] float32
     image_grid_thw: torch.Tensor | None = None  # [B, images, 3] long

@@ -16,11 +16,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from rl.avar.scores import AgtoConfig, check_classes, key_classes, user_query_mask
+from rl.algorithms.losses import SftLoss
 from rl.data import collate_sft, encode_prompt, train_samples_at
 from rl.prompt_format import prompt_format
 from rl.tasks import get_task
@@ -72,6 +71,13 @@ def base_model_path(cfg, cache: Path) -> str:
     return str(atomic_dir(final, lambda tmp: build_tiny_vl_model(tmp, spec, vision)))
 
 
+def num_layers(model_path: str) -> int:
+    """Decoder layers of an HF folder (the text model's, for a vision-language model)."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    return int(cfg["num_hidden_layers"] if "num_hidden_layers" in cfg
+               else cfg["text_config"]["num_hidden_layers"])
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -86,26 +92,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def agto_config(cfg) -> AgtoConfig | None:
-    """AVAR's attention terms when cold_start.objective=agto (§3.3.2), else None."""
-    if cfg.cold_start.objective != "agto":
-        return None
-    v = cfg.avar
-    return AgtoConfig(alpha=v.agto_alpha, beta=v.agto_beta, layers=v.layers, eps=v.eps,
-                      evidence=v.evidence)
-
-
-def agto_inputs(batch: dict, agto: AgtoConfig) -> dict:
-    """What AGTO reads besides the tokens: AVAR key classes, the user-turn queries Q, and a
-    per-row weight that makes the terms a mean over the whole minibatch."""
-    tc = batch.pop("token_classes")
-    kc = key_classes(tc, agto.evidence)
-    check_classes(kc, "cold_start.objective=agto")
-    return {"key_classes": kc,
-            "query_mask": user_query_mask(tc, batch["attention_mask"], batch["response_mask"]),
-            "agto_row_weight": torch.full((len(tc),), 1.0 / len(tc))}
-
-
 def cold_start_on(cfg) -> bool:
     """cold_start.enabled, where null means: for a model built here (random weights), not for
     a checkpoint the user gives — peers start RL from the given weights, and so do we."""
@@ -114,8 +100,11 @@ def cold_start_on(cfg) -> bool:
 
 
 def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_start") -> str:
-    """The HF folder the RL stage starts from (the base model if cold start is disabled).
-    The same code trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
+    """The HF folder the RL stage starts from (the base model if cold start is disabled),
+    trained on next-token likelihood or on a method's objective (AVAR's AGTO). The same code
+    trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
+    from rl.methods import cold_start_objective
+
     base = base_model_path(cfg, cache)
     cs = cfg.cold_start
     if not cold_start_on(cfg):
@@ -130,10 +119,10 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
     schedule = {k: v for k, v in OmegaConf.to_container(cs, resolve=True).items()
                 if k not in ("task_params", "objective")}
     schedule["enabled"] = True  # (a bool when the cold starts cached so far were keyed)
-    agto = agto_config(cfg)
+    objective = cold_start_objective(cfg)
     # (the plain objective adds nothing, so checkpoints cached before AGTO existed stay valid)
     key = config_hash(model_key(cfg.model), cfg.task.name, params, cfg.task.seed, schedule,
-                      *([asdict(agto)] if agto else []))
+                      *([objective.key] if objective else []))
     final = cache / f"{prefix}-{key}"
     if final.exists() and cs.reuse:
         log.info("%s: reusing %s", prefix.replace("_", " "), final)
@@ -157,19 +146,19 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
                          + [tok.eos_token_id] for s in samples]
             learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))
             batch = collate_sft(prompts, responses, tok.pad_token_id)
-            if agto:
-                batch.update(agto_inputs(batch, agto))
+            if objective:
+                batch.update(objective.inputs(batch))
             else:
                 batch.pop("token_classes")
-            m = learner.train_minibatch(batch, "sft", agto, "token_mean")
+            m = learner.train_minibatch(batch, objective.loss if objective else SftLoss())
             bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "lm_nll", "agto_img", "agto_sys")
                              if k in m})
         learner.export_hf(str(tmp))
         learner.shutdown()
         log.info("%s: %d SFT steps in %.1f s", prefix, cs.steps, time.perf_counter() - t0)
-        if agto:  # the attention terms at the end: L_sys near log(ε) means system attention ≈ 0
-            log.info("%s: AGTO at the last step: LM %.3f, L_img %.3f, L_sys %.3f (log ε = %.1f)",
-                     prefix, m["lm_nll"], m["agto_img"], m["agto_sys"], math.log(agto.eps))
+        if objective:  # its terms at the last step (AGTO: L_sys near log ε = system attention ≈ 0)
+            log.info("%s: the last step's %s", prefix,
+                     ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k not in ("weights", "skipped")))
 
     shutil.rmtree(final, ignore_errors=True)
     return str(atomic_dir(final, build))

@@ -41,48 +41,57 @@ class TaskConfig:
 
 
 @dataclass
-class ColdStartConfig:
-    """Supervised warm-start on the task's worked solutions, before RL."""
-    # null: on for a model built here (model.path=null: random weights), off for a checkpoint
-    # given as model.path (RL starts from it, as in every peer); true/false: always/never.
-    enabled: Optional[bool] = None
+class SftSchedule:
+    """The training loop every supervised stage shares (the cold start, the tiny teacher's
+    training, offline distillation): optimizer steps, rows per step, the peak learning rate
+    and its linear warm-up (then cosine decay to 10%)."""
     steps: int = 260
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 30
+
+
+# Keys marked MOVED were renamed or folded into a config group. They stay in the schema (null)
+# so that an old command line fails at start naming the new spelling (rl/config_checks.py
+# MOVED_KEYS) instead of as an unknown key.
+@dataclass
+class ColdStartConfig(SftSchedule):
+    """Supervised warm-start on the task's worked solutions, before RL."""
+    # null: on for a model built here (model.path=null: random weights), off for a checkpoint
+    # given as model.path (RL starts from it, as in every peer); true/false: always/never.
+    enabled: Optional[bool] = None
     # Skip the stage when a checkpoint with the same model/task/cold-start config exists.
     reuse: bool = True
     # task.params overrides for the SFT data only (e.g. {distractor_prob: 0.0}: a student
     # that never saw a distractor, for LeaF); RL and evaluation use task.params.
     task_params: Dict[str, Any] = field(default_factory=dict)
-    # lm: next-token loss on the solutions. agto: + AVAR's attention terms (avar.agto_*).
-    objective: str = "lm"
+    objective: Optional[str] = None   # MOVED: avar=agto (or avar=agto_vars)
 
 
 @dataclass
 class AvarConfig:
-    """AVAR (arXiv 2603.03825): attention to the evidence against attention to the system
-    prompt, read from the kernels' key-class masses (rl/avar/)."""
+    """AVAR (arXiv 2603.03825; conf/avar/): attention to the evidence against attention to
+    the system prompt, read from the kernels' key-class masses (rl/avar/). The group's choice
+    says which parts run: none | vas (measured at evaluations) | vars (+ VARS reward shaping)
+    | agto (+ the AGTO cold start) | agto_vars (both)."""
+    name: str = "none"
     evidence: str = "evidence"        # the key class set against the system prompt: evidence (text tasks) | image (VLM)
     layers: str = "all"               # layers VAS, VARS and AGTO read: all | middle:n
     eps: float = 1e-6                 # ε of r_visual's and L_sys's denominators / logs
-    vas: str = "auto"                 # VAS at every evaluation: auto (when AGTO or VARS is on) | always | never
-    agto_alpha: float = 0.15          # cold_start.objective=agto: weight α of L_img (raise evidence attention)
+    agto_alpha: float = 0.15          # AGTO: weight α of L_img (raise evidence attention)
     agto_beta: float = 0.15           # ... and β of L_sys (lower system attention)
-    vars_coef: float = 0.0            # VARS λ_v: reward += λ_v · r_visual of correct responses (0 = off; paper 0.3)
+    vars_coef: float = 0.3            # VARS λ_v: reward += λ_v · r_visual of correct responses (paper 0.3)
     vars_norm: str = "none"           # r_visual's scale: none | clip (at vars_clip) | group_z (z-score over a group's correct responses)
     vars_clip: float = 10.0
+    vas: Optional[str] = None         # MOVED: avar=vas measures VAS alone; every AVAR choice measures it
 
 
 @dataclass
-class TeacherTrainConfig:
+class TeacherTrainConfig(SftSchedule):
     """How the project trains its own tiny teacher: the cold-start SFT code, on the task's
     data with these parameter overrides (e.g. distractors, so it learns to ignore them)."""
     task_params: Dict[str, Any] = field(default_factory=dict)
     steps: int = 600
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 30
 
 
 def _teacher_tiny() -> TinyModelSpec:
@@ -109,26 +118,28 @@ class TeacherConfig:
 
 @dataclass
 class LeafConfig:
-    """LeaF's confounder detection (read by distill=leaf|leaf_response and by the RL terms)."""
+    """LeaF (conf/leaf/): its confounder detection (read by distill=leaf|leaf_response too) and,
+    with leaf=rl, its terms inside RL (§2.7, our extension, not in the paper): each step, on
+    the step's prompts (the best response of each group as the continuation), confounders →
+    one pruned copy."""
+    name: str = "none"                # none | rl
     quantile: float = 0.10            # confounders: Δ ≤ the per-sample order statistic at ⌊n·q⌋ ...
     cap: float = 0.5                  # ... capped at this value (§2.1)
     pruning: str = "span"             # span (one counterfactual per span) | collective (all spans at once)
     validate: bool = True             # keep a counterfactual only if teacher and student both answer it correctly
     chunk: int = 64                   # rows per gradient pass
-    # LeaF inside RL (§2.7, our extension, not in the paper). Each step, on the step's prompts
-    # (the best response of each group as the continuation): confounders → one pruned copy.
-    kl_coef: float = 0.0              # (b) weight of KL(p_T ‖ p_S) on pruned prompt ⊕ response, added to the policy loss
-    counterfactual_groups: int = 0    # (c) prompts per step whose pruned copy is also rolled out as an extra GRPO group
+    kd_coef: float = 0.1              # leaf=rl (b): weight of KL(p_T ‖ p_S) on pruned prompt ⊕ response, added to the policy loss (0 = off)
+    counterfactual_groups: int = 16   # leaf=rl (c): prompts per step whose pruned copy is also rolled out as an extra GRPO group (0 = off)
+    kl_coef: Optional[float] = None   # MOVED: leaf=rl leaf.kd_coef=...
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(SftSchedule):
     """Offline distillation from the teacher between the cold start and RL (conf/distill/):
     none | kd (plain KD) | leaf (LeaF, instruction level) | leaf_response (+ response level).
     `python -m launch.distill` runs it alone; `launch.train` starts RL from its checkpoint."""
     name: str = "none"
     steps: int = 150                  # optimizer steps of the KD loss (the same budget for every mode)
-    batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 10
     # λ (§2.3): the share of original (unpruned) rows in each batch once counterfactuals exist;
@@ -231,13 +242,14 @@ class LearnerConfig:
     micro_batch_size: int = 128       # responses per rank per forward
     gradient_checkpointing: bool = False
     backend: Optional[str] = None     # gloo | nccl; None = gloo on CPU, nccl on GPU
-    # sdpa | kernels (fused attention that emits statistics) | auto: kernels when the credit
-    # method reads attention statistics, else sdpa
+    # The learner's attention. sdpa: the model's stock attention in every forward. kernels: our
+    # fused kernels (kernels/: Triton on GPU, blockwise PyTorch on CPU) in the forwards that
+    # capture statistics, stock attention in the others (faster on CPU). kernels_everywhere:
+    # ours in every forward, training's included (statistics off where none are captured).
+    # auto: kernels when a method reads attention statistics, else sdpa.
     attention: str = "auto"
-    attn_impl: str = "auto"           # auto (triton on GPU, blockwise on CPU) | blockwise | triton
-    # With kernels: attention of forwards that record no statistics (training, other layers):
-    # sdpa (faster on CPU) | kernels (ours with statistics off)
-    plain_attention: str = "sdpa"
+    attn_impl: Optional[str] = None       # MOVED: learner.attention
+    plain_attention: Optional[str] = None  # MOVED: learner.attention=kernels_everywhere
     stats_layers: str = "middle:5"    # layers whose statistics are captured: all | middle:n
     num_cpus_per_rank: float = 0.5
     # Per rank. None = the cores this process may use ÷ the group's ranks on its node: the

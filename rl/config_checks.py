@@ -19,18 +19,16 @@ VALID_CHOICES = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "offline", "online", "disabled"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "learner.attention": ("auto", "sdpa", "kernels"),
-    "learner.attn_impl": ("auto", "blockwise", "triton", "reference"),
-    "learner.plain_attention": ("sdpa", "kernels"),
+    "learner.attention": ("auto", "sdpa", "kernels", "kernels_everywhere"),
     "learner.weight_transport": ("safetensors", "buckets", "nccl", "ipc"),
     "rollout.sleep_level": (0, 1, 2),
     "teacher.name": ("none", "tiny", "hf"),
     "teacher.placement": ("actors", "colocated"),
     "distill.name": ("none", "kd", "leaf", "leaf_response"),
+    "leaf.name": ("none", "rl"),
     "leaf.pruning": ("span", "collective"),
-    "cold_start.objective": ("lm", "agto"),
+    "avar.name": ("none", "vas", "vars", "agto", "agto_vars"),
     "avar.evidence": ("evidence", "image"),
-    "avar.vas": ("auto", "always", "never"),
     "avar.vars_norm": ("none", "clip", "group_z"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.backend": (None, "gloo", "nccl"),
@@ -47,6 +45,19 @@ ABOVE_ZERO = ("rollout.temperature", "rollout.top_p", "rollout.gpu_memory_utiliz
               "cluster.call_timeout_s", "cluster.placement_timeout_s")
 NOT_NEGATIVE = ("rollout.max_restarts", "max_failures", "rollout.num_gpus_per_engine",
                 "learner.num_gpus_per_rank", "rollout.async_steps", "algorithm.tis_cap")
+# Keys that moved (rl/config.py: null in the schema unless an old command line sets them).
+MOVED_KEYS = {
+    "cold_start.objective": "AGTO is a choice of the avar group: avar=agto (or avar=agto_vars "
+                            "with VARS); cold_start.objective=lm is the default",
+    "avar.vas": "VAS is measured whenever AVAR is on: avar=vas measures it alone",
+    "leaf.kl_coef": "LeaF's RL terms are the leaf group: leaf=rl leaf.kd_coef=<weight> "
+                    "(leaf.counterfactual_groups=<G>); algorithm.kl_coef is the KL to the reference",
+    "learner.attn_impl": "the kernels' implementation follows the device (Triton on GPU, "
+                         "blockwise on CPU); learner.attention=kernels|kernels_everywhere|sdpa|auto",
+    "learner.plain_attention": "learner.attention=kernels_everywhere runs every forward through "
+                               "the kernels (plain_attention=kernels); learner.attention=kernels "
+                               "keeps stock attention where no statistics are captured",
+}
 # Layer selections read by the statistics capture (kernels/capture.py `select_layers`).
 LAYER_KEYS = ("learner.stats_layers", "avar.layers")
 
@@ -60,6 +71,10 @@ def check_config(cfg) -> None:
     """Cross-field checks Hydra's types cannot express; raises ValueError naming the key."""
     from omegaconf import OmegaConf
 
+    for key, instead in MOVED_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            raise ValueError(f"config key {key}={value!r} was moved: {instead}")
     for key, allowed in VALID_CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -68,12 +83,12 @@ def check_config(cfg) -> None:
     check_layers(cfg)
     check_cluster(cfg)
     a, lr = cfg.algorithm, cfg.learner
-    groups = a.prompts_per_step + max(cfg.leaf.counterfactual_groups, 0)
+    groups = a.prompts_per_step + extra_groups(cfg)
     batch = groups * a.n_samples
     if batch % a.minibatch_size:
         raise ValueError(
             f"algorithm.minibatch_size={a.minibatch_size} must divide "
-            f"(prompts_per_step + leaf.counterfactual_groups) * n_samples={batch}")
+            f"(prompts_per_step + leaf.counterfactual_groups with leaf=rl) * n_samples={batch}")
     if a.minibatch_size % lr.num_ranks:
         raise ValueError(
             f"algorithm.minibatch_size={a.minibatch_size} must be a multiple of "
@@ -202,31 +217,28 @@ def check_cluster(cfg) -> None:
                          "learner.backend=gloo")
 
 
-def _agto_or_vars(cfg) -> bool:
-    return cfg.cold_start.objective == "agto" or cfg.avar.vars_coef > 0
-
-
-def vas_at_eval(cfg) -> bool:
-    return cfg.avar.vas == "always" or (cfg.avar.vas == "auto" and _agto_or_vars(cfg))
+def extra_groups(cfg) -> int:
+    """GRPO groups a step adds to its prompts' (LeaF's counterfactual groups, leaf=rl)."""
+    return max(cfg.leaf.counterfactual_groups, 0) if cfg.leaf.name == "rl" else 0
 
 
 def avar_masses_needed(cfg) -> bool:
-    """Does any AVAR part read key-class masses (AGTO cold start, VARS, VAS at eval)?"""
-    return _agto_or_vars(cfg) or vas_at_eval(cfg)
+    """Does any AVAR part read key-class masses (every AVAR choice measures VAS)?"""
+    return cfg.avar.name != "none"
 
 
 def check_avar(cfg) -> None:
     v = cfg.avar
-    if v.vars_coef < 0 or v.agto_alpha < 0 or v.agto_beta < 0 or v.eps <= 0 or v.vars_clip <= 0:
-        raise ValueError("avar.vars_coef, agto_alpha, agto_beta must be >= 0 and avar.eps, "
-                         "vars_clip > 0")
+    if v.vars_coef <= 0 or v.agto_alpha < 0 or v.agto_beta < 0 or v.eps <= 0 or v.vars_clip <= 0:
+        raise ValueError("avar.vars_coef, avar.eps and avar.vars_clip must be > 0 and "
+                         "avar.agto_alpha, avar.agto_beta >= 0 (avar=vas for VAS without VARS)")
     if (avar_masses_needed(cfg) and v.evidence == "image" and cfg.model.path is None
             and cfg.model.vision is None):
         raise ValueError("avar.evidence=image reads attention to image tokens: it needs a "
                          "vision-language model (model=tiny_vl) and an image task")
     if avar_masses_needed(cfg) and cfg.learner.attention == "sdpa":
-        raise ValueError("AVAR (cold_start.objective=agto, avar.vars_coef > 0 or avar.vas) reads "
-                         "attention masses: learner.attention must be kernels (or auto), not sdpa")
+        raise ValueError(f"avar={v.name} reads attention masses: learner.attention must be "
+                         "kernels (or auto), not sdpa")
 
 
 def check_rollout(cfg) -> None:
@@ -254,11 +266,14 @@ def check_teacher(cfg) -> None:
     if t.topk < 1 or t.num_actors < 1:
         raise ValueError("teacher.topk and teacher.num_actors must be >= 1")
     lf = cfg.leaf
-    if (lf.kl_coef > 0 or lf.counterfactual_groups > 0) and t.name == "none":
-        raise ValueError("leaf.kl_coef / leaf.counterfactual_groups need a teacher: set "
-                         "teacher=tiny or teacher=hf teacher.path=...")
-    if lf.kl_coef < 0 or lf.counterfactual_groups < 0:
-        raise ValueError("leaf.kl_coef and leaf.counterfactual_groups must be >= 0")
+    if lf.name == "rl" and t.name == "none":
+        raise ValueError("leaf=rl needs a teacher: teacher=tiny (its default) or teacher=hf "
+                         "teacher.path=...")
+    if lf.kd_coef < 0 or lf.counterfactual_groups < 0:
+        raise ValueError("leaf.kd_coef and leaf.counterfactual_groups must be >= 0")
+    if lf.name == "rl" and lf.kd_coef == 0 and lf.counterfactual_groups == 0:
+        raise ValueError("leaf=rl with leaf.kd_coef=0 and leaf.counterfactual_groups=0 does "
+                         "nothing: set one of them, or leaf=none")
     d = cfg.distill
     if d.name != "none" and t.name == "none":
         raise ValueError(f"distill={d.name} distils from a teacher: set teacher=tiny or "
@@ -277,18 +292,24 @@ def check_teacher(cfg) -> None:
 
 def build_credit(cfg):
     """The configured credit method (typed parameters; raises naming a bad key)."""
-    from omegaconf import OmegaConf
+    from rl.credit import from_config
 
-    from rl.credit import build
-
-    params = OmegaConf.to_container(cfg.credit.params, resolve=True) if not isinstance(
-        cfg.credit.params, dict) else dict(cfg.credit.params)
-    return build(cfg.credit.name, params, seed=cfg.seed)
+    return from_config(cfg)
 
 
 def learner_attention(cfg) -> str:
-    """learner.attention with `auto` resolved: the kernels only when credit or AVAR reads
-    attention statistics."""
+    """learner.attention with `auto` resolved: the kernels only when a method reads attention
+    statistics."""
     if cfg.learner.attention != "auto":
         return cfg.learner.attention
     return "kernels" if build_credit(cfg).stats_request() or avar_masses_needed(cfg) else "sdpa"
+
+
+def engine_attention(cfg) -> dict:
+    """learner.attention as the engine's settings: the attention of forwards that capture
+    statistics, and of the others."""
+    attention = learner_attention(cfg)
+    if attention == "sdpa":
+        return {"attention": "sdpa", "plain_attention": "sdpa"}
+    plain = "kernels" if attention == "kernels_everywhere" else "sdpa"
+    return {"attention": "kernels", "plain_attention": plain}

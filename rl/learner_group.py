@@ -16,6 +16,7 @@ import ray
 import torch
 from ray.exceptions import RayError
 
+from rl.engine.base import Loss
 from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, release_cached_memory
 from rl.placement import bundle, kill_and_wait, rank_env, rendezvous_port, reserve, where_am_i
 from rl.remote_calls import ActorFailure, LearnerFailure, get_all
@@ -173,35 +174,32 @@ class LearnerGroup:
         n, shards = self._inference_shards(tensors)
         return torch.cat(self._per_rank("ref_score", shards, temperature))[:n]
 
-    def train_minibatch(self, tensors: dict[str, torch.Tensor], loss: str, loss_cfg,
-                        loss_agg: str, temperature: float = 1.0,
-                        kd: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """One optimizer step on these rows, split over ranks and micro-batches.
+    def train_minibatch(self, tensors: dict[str, torch.Tensor], loss: Loss,
+                        temperature: float = 1.0,
+                        extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+        """One optimizer step of `loss` on these rows, split over ranks and micro-batches.
 
-        `kd`: LeaF KD rows (prompt ⊕ response + teacher targets) whose KL term joins the policy
-        loss with weight loss_cfg.kd_coef, normalised by their own token count; they are
-        spread over the same ranks and micro-batches (a micro-batch may get none)."""
-        mask = tensors["response_mask"]
-        normaliser = float(mask.sum()) if loss_agg == "token_mean" else float(len(mask))
-        normaliser = max(normaliser, 1.0)
+        `extra`: row sets of the loss's extra terms, by name (e.g. LeaF's KD rows); each is
+        dealt out over the same ranks and micro-batches (a micro-batch may get none of it) and
+        reaches the loss as b["extra"][name]."""
+        extra = extra or {}
+        loss = loss.bind(tensors, extra)  # global normalisers, before the split
         gas = self.cfg.grad_accum_steps
         rank_micro = []
-        for rows in shard_rows(len(mask), self.num_ranks):
+        for rows in shard_rows(len(tensors["input_ids"]), self.num_ranks):
             micro = [{k: v[i] for k, v in tensors.items()} for i in np.array_split(rows, gas)]
             rank_micro.append(micro)
-        if kd:
-            kd_norm = torch.tensor(max(float(kd["response_mask"].sum()), 1.0))
-            parts = np.array_split(np.arange(len(kd["input_ids"])), self.num_ranks * gas)
+        for name, term_rows in extra.items():
+            parts = np.array_split(np.arange(len(term_rows["input_ids"])), self.num_ranks * gas)
             for j, rows in enumerate(parts):
                 if len(rows):
-                    rank_micro[j // gas][j % gas].update(
-                        {f"kd_{k}": v[rows] for k, v in kd.items()}, kd_normaliser=kd_norm)
-        outs = self._per_rank("train_minibatch", rank_micro, loss, loss_cfg, normaliser,
-                              temperature)
+                    rank_micro[j // gas][j % gas].setdefault("extra", {})[name] = {
+                        k: v[rows] for k, v in term_rows.items()}
+        outs = self._per_rank("train_minibatch", rank_micro, loss, temperature)
         if outs[0].get("skipped"):
             return {"skipped": 1.0, "loss": float("nan")}
         # token-weighted over ranks, like a single rank holding the whole minibatch (a metric
-        # only some ranks report, e.g. LeaF's kd_kl, over those ranks' tokens)
+        # only some ranks report, e.g. an extra term's, over those ranks' tokens)
         merged = {"loss": float(sum(o["loss"] for o in outs)), "skipped": 0.0,
                   "grad_norm": outs[0]["grad_norm"]}
         for k in {k for o in outs for k in o["weights"]}:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from rl.config_checks import learner_attention
+from rl.config_checks import engine_attention
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup, with_accum
 from rl.placement import check_shared_dirs, cluster_gpus
@@ -67,9 +67,8 @@ def init_ray(cluster) -> None:
 def stage_session(cfg):
     """For entry points that run one pipeline stage (launch.sft, launch.distill): the config
     checked before anything starts, Ray up for the stage's actors, and down afterwards."""
-    from rl.cold_start import base_model_path
+    from rl.cold_start import base_model_path, num_layers
     from rl.config_checks import check_config, check_layers
-    from rl.scoring_plan import num_layers
 
     check_config(cfg)
     check_layers(cfg, num_layers(base_model_path(cfg, Path(cfg.cache_dir))))  # before any actor
@@ -143,8 +142,7 @@ def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
         micro_batch_size=lc.micro_batch_size, dtype=cfg.model.dtype,
         gradient_checkpointing=lc.gradient_checkpointing, ref_model_path=ref_model_path,
         teacher_model_path=teacher_model_path,
-        backend=lc.backend, seed=cfg.seed, attention=learner_attention(cfg), attn_impl=lc.attn_impl,
-        plain_attention=lc.plain_attention,
+        backend=lc.backend, seed=cfg.seed, **engine_attention(cfg),
         stats_layers=lc.stats_layers, collective_timeout_s=cfg.cluster.call_timeout_s,
         offload_between_updates=lc.offload_between_updates, compile=lc.compile,
         padding_free=lc.padding_free)

@@ -34,8 +34,8 @@ def teacher_path(cfg, cache: Path, progress: bool = True) -> str | None:
     tcfg = OmegaConf.merge(cfg, {
         "model": {"path": None, "tiny": OmegaConf.to_container(t.tiny, resolve=True)},
         "cold_start": {"enabled": True, "steps": t.train.steps, "batch_size": t.train.batch_size,
-                       "lr": t.train.lr, "warmup_steps": t.train.warmup_steps, "reuse": True,
-                       "objective": "lm"}})
+                       "lr": t.train.lr, "warmup_steps": t.train.warmup_steps, "reuse": True},
+        "avar": {"name": "none"}})  # next-token likelihood, whatever the student's objective
     tcfg.cold_start.task_params = t.train.task_params  # replaces (merge would keep old keys)
     return run_cold_start(tcfg, cache, progress, prefix="teacher")
 

@@ -1,9 +1,12 @@
 """The RL loop, one readable step at a time.
 
     prompts → rollouts (vLLM engines; with rollout.async_steps=k started up to k steps early,
-    rl/rollout_queue.py) → rewards (worker pool) → scoring forward (old logprobs,
-    entropy, attention statistics) → credit γ_t → advantages → minibatch updates (DeepSpeed)
-    → weight sync → held-out eval → checkpoint
+    rl/rollout_queue.py) → rewards (worker pool) → the methods' extra rows → scoring forward
+    (old logprobs, entropy, the attention statistics methods ask for) → the methods' reward
+    shaping → advantages × the methods' token weights γ_t → minibatch updates (DeepSpeed; the
+    policy loss with the methods' extra terms) → weight sync → held-out eval → checkpoint
+
+The methods (rl/methods/base.py) are called at those fixed points; none is named here.
 
 Every step is reproducible from (seed, step): prompts come from the task by position, sampling
 seeds are derived per prompt, so `resume=true` after step k replays step k+1 exactly.
@@ -22,31 +25,26 @@ from tqdm import tqdm
 
 from rewards import RewardItem, RewardPool, summarize
 from rl.algorithms.advantages import compute_advantages
-from rl.algorithms.losses import PolicyLossConfig
+from rl.algorithms.losses import PolicyLoss, PolicyLossConfig
+from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
 from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, check_same_run
-from rl.cold_start import base_model_path, load_tokenizer, run_cold_start
-from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
-from rl.config_checks import build_credit, check_config, check_layers, overlong_config
+from rl.cold_start import base_model_path, load_tokenizer, num_layers, run_cold_start
+from rl.config_checks import check_config, check_layers, overlong_config
 from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
 from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
-from rl.leaf.detect import records
-from rl.leaf.examples import distractor_labels
-from rl.leaf.online import OnlineLeaf
-from rl.leaf.warm_start import read_report, run_distill
-from rl.prompt_format import prompt_format
+from rl.methods import build_methods, scoring_request
+from rl.methods.base import ExtraRows, Method, RunInfo, Tools
 from rl.placement import check_shared_dirs, check_transport_placement
+from rl.prompt_format import prompt_format
 from rl.remote_calls import LearnerFailure
 from rl.rollout_group import Generation
 from rl.rollout_queue import RolloutQueue
-from rl.run_tables import log_credit_table, log_leaf_table, log_vas_plot
 from rl.runtime import (engine_gpus, init_ray, learner_gpus, start_engines, start_learner,
                         write_placement)
 from rl.stop_signal import StopOnSignal
-from rl.scoring_plan import StatsPlan, num_layers
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
-from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
 from rl.tracking import Tracker
 from rl.vision import image_processor_for
 
@@ -69,6 +67,38 @@ def mixed_group_share(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
     return float(np.mean(mixed))
 
 
+def mean_of_finite(values: list[float]) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+class StageClock:
+    """Seconds per stage of a step (time/<stage>_s), a method's hooks under its name."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        key = f"time/{name}_s"
+        self.times[key] = self.times.get(key, 0.0) + seconds
+
+    def __call__(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.add(name, time.perf_counter() - t0)
+        return out
+
+    def finish(self, methods: list[Method]) -> dict[str, float]:
+        """The step's total, and each method's share of it (with the statistics pass when it
+        reads one; on GPU that pass is not timed apart, and the share is NaN)."""
+        t = self.times
+        t["time/step_s"] = time.perf_counter() - self.start
+        for m in methods:
+            own = t.get(f"time/{m.name}_s", 0.0) + (t["time/stats_s"] if m.reads_statistics else 0.0)
+            t[f"time/{m.name}_share"] = own / t["time/step_s"]
+        return t
+
+
 class Trainer:
     def __init__(self, cfg):
         check_config(cfg)
@@ -84,8 +114,8 @@ class Trainer:
         self.loss_cfg = PolicyLossConfig(
             clip_low=self.alg.clip_low, clip_high=self.alg.clip_high, kl_coef=self.alg.kl_coef,
             kl_estimator=self.alg.kl_estimator, entropy_coef=self.alg.entropy_coef,
-            tis_cap=self.alg.tis_cap, tis_mode=self.alg.tis_mode, loss_agg=self.alg.loss_agg, kd_coef=cfg.leaf.kl_coef)
-        self.credit = build_credit(cfg)
+            tis_cap=self.alg.tis_cap, tis_mode=self.alg.tis_mode, loss_agg=self.alg.loss_agg)
+        self.methods = build_methods(cfg)
         self.overlong = overlong_config(cfg)
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self.ckpts.latest() if cfg.resume else None
@@ -106,29 +136,23 @@ class Trainer:
         init_ray(cfg.cluster)
         check_shared_dirs([self.out, cfg.cache_dir], cfg.cluster.placement_timeout_s)
         self.timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        cold = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)
-        self.timings["cold_start_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.policy_init = run_distill(cfg, Path(cfg.cache_dir), cold, cfg.logger.progress)
-        self.timings["distill_s"] = time.perf_counter() - t0
+        self.policy_init = self.starting_policy()
         log.info("RL starts from %s", self.policy_init)
-        self.stats_plan = StatsPlan(cfg, self.credit, num_layers(self.policy_init))
-
-        leaf_on = cfg.leaf.kl_coef > 0 or cfg.leaf.counterfactual_groups > 0
-        self.teacher_path = teacher_path(cfg, Path(cfg.cache_dir), cfg.logger.progress) if leaf_on else None
+        for m in self.methods:
+            m.setup(RunInfo(num_layers(self.policy_init), cfg.steps, cfg.seed))
+        self.request = scoring_request(self.methods)  # what the scoring forward captures
 
         t0 = time.perf_counter()
         shared = shares_gpu(learner_gpus(cfg), engine_gpus(cfg))
-        self.engines, (self.learner, self.teacher, self.online_leaf) = start_both(
-            lambda: start_engines(cfg, self.policy_init), self.start_learner_side, shared)
+        self.engines, self.learner = start_both(lambda: start_engines(cfg, self.policy_init),
+                                                self.start_learner_side, shared)
         self.rollouts = RolloutQueue(self.engines, self.start_rollouts, cfg.rollout.async_steps,
                                      cfg.steps)
         if cfg.rollout.async_steps and not self.alg.tis_cap:
             log.warning("rollout.async_steps=%d without algorithm.tis_cap: responses sampled up "
                         "to %d versions ago are trained on uncorrected", cfg.rollout.async_steps,
                         cfg.rollout.async_steps)
-        self.engines_info = self.engines.ready()
+        self.engines_info = self.engines.ready()  # where each engine runs
         self.timings["actors_start_s"] = time.perf_counter() - t0
         ranks = self.learner.where()
         write_placement(self.out / "placement.json", ranks, self.engines_info)
@@ -146,26 +170,34 @@ class Trainer:
         self.pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, self.out, run_config,
                                resume_step=self.step if resume_from is not None else None)
-        report = read_report(self.policy_init)
-        if report:
-            log_leaf_table(self.tracker, [r for level in ("instruction", "response")
-                                 for r in report.get(f"{level}_detections", [])], 0)
+
+    def starting_policy(self) -> str:
+        """The cold start, then each method's stage before RL, if it has one."""
+        cfg, progress = self.cfg, self.cfg.logger.progress
+        t0 = time.perf_counter()
+        policy = run_cold_start(cfg, Path(cfg.cache_dir), progress)
+        self.timings["cold_start_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for m in self.methods:
+            policy = m.before_rl(policy, progress)
+        self.timings["before_rl_s"] = time.perf_counter() - t0
+        return policy
 
     def start_learner_side(self):
-        """The learner group, and what reads through it: the LeaF teacher (inside the learner
-        ranks when colocated) and LeaF-in-RL. Started again after a learner failure."""
-        cfg = self.cfg
-        teacher, colocated = self.teacher_path, cfg.teacher.placement == "colocated"
+        """The learner group (with what methods load beside the policy), then what the
+        methods read through it. Started again after a learner failure."""
+        options = {k: v for m in self.methods for k, v in m.learner_options().items()}
         ref = self.policy_init if self.alg.kl_coef > 0 else None
-        learner = start_learner(cfg, self.policy_init, lr=self.alg.lr,
+        learner = start_learner(self.cfg, self.policy_init, lr=self.alg.lr,
                                 minibatch_size=self.alg.minibatch_size, ref_model_path=ref,
-                                teacher_model_path=teacher if colocated else None)
-        if not teacher:
-            return learner, None, None
-        vocab = student_vocab_size(self.policy_init, teacher)
-        group = TeacherGroup(teacher, cfg.teacher, cfg.model.dtype, vocab,
-                             learner=learner if colocated else None)
-        return learner, group, OnlineLeaf(cfg, self.tok, learner, group)
+                                **options)
+        for m in self.methods:
+            m.start(self.tools(learner))
+        return learner
+
+    def tools(self, learner=None) -> Tools:
+        """What a method's hooks may use."""
+        return Tools(learner or self.learner, self.tok, self.cfg.rollout.temperature, self.roll)
 
     def restore(self, ckpt: Path | None) -> None:
         """Learner state and trainer state from a checkpoint (None: the start of RL), then the
@@ -201,7 +233,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.shutdown_learner_side()  # returns once its ranks' processes have exited
         to_learner(self.engines)  # a GPU shared with the engines: the new learner starts alone
-        self.learner, self.teacher, self.online_leaf = self.start_learner_side()
+        self.learner = self.start_learner_side()
         check_transport_placement(self.cfg.learner.weight_transport, self.learner.where()[0],
                                   self.engines_info)
         self.restore(ckpt)
@@ -210,8 +242,8 @@ class Trainer:
                     self.step, time.perf_counter() - t0)
 
     def shutdown_learner_side(self) -> None:
-        if self.teacher is not None:
-            self.teacher.shutdown()
+        for m in self.methods:
+            m.stop()
         self.learner.shutdown()
 
     # --- data -------------------------------------------------------------------------------
@@ -240,6 +272,13 @@ class Trainer:
         return self.engines.generate([p.request for p in prompts], n, temperature, r.top_p,
                                      r.max_new_tokens, seeds)
 
+    def roll(self, prompts, seeds: list[int], first_group: int) -> RolloutBatch:
+        """Rollouts of extra prompts (a method's extra groups), collated and rewarded."""
+        comps = self.generate(prompts, self.alg.n_samples, self.cfg.rollout.temperature, seeds)
+        batch = collate_rollouts(prompts, comps, self.tok.pad_token_id, first_group=first_group)
+        self.reward(batch, self.decode_responses(batch))
+        return batch
+
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         rows = [ids[m].tolist() for ids, m in zip(batch.input_ids, batch.response_mask)]
         return self.tok.batch_decode(rows, skip_special_tokens=True)
@@ -258,92 +297,78 @@ class Trainer:
                  for t, m in zip(texts, batch.meta)]
         results = self.pool.score(items)
         batch.rewards = torch.tensor([r.total for r in results], dtype=torch.float32)
-        for m, r in zip(batch.meta, results):
-            m["correct"] = r.components.get(m["task"], 0.0)
+        batch.correct = torch.tensor([r.components.get(m["task"], 0.0)
+                                      for r, m in zip(results, batch.meta)], dtype=torch.float32)
+        for r in results:
             if r.error_messages:
                 log.warning("reward: %s", "; ".join(r.error_messages[:3]))
         return summarize(results)
 
-    def leaf_terms(self, batch: RolloutBatch, step: int):
-        """LeaF inside RL (rl/leaf/online.py; our extension): confounders of the step's prompts,
-        (c) pruned prompts rolled out and rewarded as extra groups, (b) KD rows for the update.
-        Returns (the batch, with any extra groups; KD rows or None; metrics)."""
-        if self.online_leaf is None:
-            return batch, None, {}
-        lf = self.cfg.leaf
-        originals, pruned, det, metrics = self.online_leaf.detect(batch)
-        self.last_leaf = (originals, det)
-        kept = [p for p in pruned if p is not None]
-        kd = self.online_leaf.kd_rows(kept) if lf.kl_coef > 0 and kept else None
-        metrics["kd_rows"] = float(len(kd["input_ids"])) if kd else 0.0
-        if lf.counterfactual_groups:
-            prompts = OnlineLeaf.groups_to_roll(originals, pruned, lf.counterfactual_groups)
-            seeds = [stable_hash("leaf", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
-            comps = self.generate(prompts, self.alg.n_samples, self.cfg.rollout.temperature, seeds)
-            extra = collate_rollouts(prompts, comps, self.tok.pad_token_id,
-                                     first_group=int(batch.group_ids.max()) + 1)
-            self.reward(extra, self.decode_responses(extra))
-            metrics["cf_accuracy"] = float(np.mean([m["correct"] for m in extra.meta]))
-            batch = RolloutBatch.concat(batch, extra)
-        return batch, kd, {f"leaf/{k}": v for k, v in metrics.items()}
+    def hooks(self, clock: StageClock, hook: str, *args) -> dict[str, float]:
+        """Every method's `hook`, in order: its metrics under its name, its seconds on its
+        clock."""
+        out = {}
+        for m in self.methods:
+            metrics = clock(m.name, getattr(m, hook), *args)
+            out.update({f"{m.name}/{k}": v for k, v in metrics.items()})
+        return out
 
-    def score(self, batch: RolloutBatch):
-        """Old logprobs and entropy — and, when credit or AVAR read them, the attention
-        statistics — from one no-grad forward of the current policy. Returns AVAR's key-class
-        masses ({layer: [B, H, T, 2]}) or None."""
+    def after_rewards(self, batch: RolloutBatch, step: int,
+                      clock: StageClock) -> tuple[RolloutBatch, list[ExtraRows], dict]:
+        """The methods' extra groups (added to the batch) and extra loss rows."""
+        rows, metrics = [], {}
+        for m in self.methods:
+            out = clock(m.name, m.after_rewards, batch, step, self.tools())
+            batch = out.batch
+            rows += out.extra_rows
+            metrics.update({f"{m.name}/{k}": v for k, v in out.metrics.items()})
+        return batch, rows, metrics
+
+    def score(self, batch: RolloutBatch) -> float:
+        """Old logprobs and entropy — and the attention statistics the methods read — from one
+        no-grad forward of the current policy. Returns the seconds of the statistics pass."""
         t = {**batch.model_inputs(), "response_mask": batch.response_mask,
              "group_ids": batch.group_ids}
-        plan = self.stats_plan
-        if plan.vars_on:
-            t["key_classes"] = plan.avar.key_classes(batch)
-        out = self.learner.score(t, self.cfg.rollout.temperature, plan.train_request)
-        stats = out.get("attn_stats")
-        batch.attn_stats = plan.credit_view(stats)
-        self.last_stats_s = out.get("stats_s", 0.0)
+        for m in self.methods:
+            classes = m.key_classes(batch)
+            if classes is not None:
+                t["key_classes"] = classes
+        out = self.learner.score(t, self.cfg.rollout.temperature, self.request)
+        batch.attn_stats = out.get("attn_stats")
         mask = batch.response_mask
         batch.old_logprobs = out["logprobs"] * mask
         batch.entropy = out["entropy"] * mask
         if self.alg.kl_coef > 0:
             batch.ref_logprobs = self.learner.ref_score(t, self.cfg.rollout.temperature) * mask
-        return plan.avar.masses(stats) if plan.vars_on else None
+        return out.get("stats_s", 0.0)
 
-    def visual_reward(self, batch: RolloutBatch, mass) -> dict:
-        """AVAR's VARS (rl/avar): reward += λ_v · r_visual from the scoring forward's attention
-        masses, before advantages normalise the groups. A no-op unless avar.vars_coef > 0."""
-        if mass is None:
-            return {}
-        return self.stats_plan.avar.shape_rewards(batch, mass)
-
-    def advantages(self, batch: RolloutBatch, step: int) -> tuple[torch.Tensor, dict]:
-        """Per-response advantages, then credit γ_t (which may read their sign), then
-        per-token advantages A × γ_t. Returns (per-response advantages, credit metrics)."""
+    def advantages(self, batch: RolloutBatch, step: int, clock: StageClock) -> tuple[torch.Tensor, dict]:
+        """Per-response advantages, then the methods' token weights γ_t (which may read their
+        sign), then per-token advantages A × γ_t."""
         adv = compute_advantages(self.alg.advantage, batch.rewards, batch.group_ids,
                                  self.alg.std_normalize)
         batch.seq_advantages = adv
-        t0 = time.perf_counter()
-        credit_metrics = self.credit(batch, step)
-        credit_metrics["time_s"] = time.perf_counter() - t0
+        metrics = self.hooks(clock, "token_weights", batch, step)
         batch.advantages = adv[:, None] * batch.token_weights * batch.response_mask
-        return adv, credit_metrics
+        return adv, metrics
 
-    def update(self, batch: RolloutBatch, step: int, kd: dict | None = None) -> dict:
-        """`epochs` passes of minibatch updates; metrics averaged over minibatches. LeaF KD
-        rows (`kd`) are dealt out over each epoch's minibatches."""
+    def update(self, batch: RolloutBatch, step: int, extra_rows: list[ExtraRows]) -> dict:
+        """`epochs` passes of minibatch updates; metrics averaged over minibatches. The rows of
+        the methods' loss terms are dealt out over each epoch's minibatches."""
         gen = torch.Generator().manual_seed(stable_hash("minibatch", self.cfg.seed, step) % 2**63)
         rows, mb = len(batch), self.alg.minibatch_size
         starts = range(0, rows, mb)
-        kd_parts = (np.array_split(np.arange(len(kd["input_ids"])), len(starts)) if kd
-                    else [[]] * len(starts))
+        parts = [np.array_split(np.arange(len(e.rows["input_ids"])), len(starts)) for e in extra_rows]
+        loss = PolicyLoss(self.loss_cfg, tuple(e.term for e in extra_rows))
         collected: dict[str, list[float]] = {}
         for _ in range(self.alg.epochs):
             perm = torch.randperm(rows, generator=gen)
-            for start, kd_rows in zip(starts, kd_parts):
+            for j, start in enumerate(starts):
                 sub = batch.select(perm[start:start + mb]).trimmed()
                 tensors = {k: v for k, v in sub.tensor_fields().items() if k in TRAIN_KEYS}
-                kd_sub = {k: v[kd_rows] for k, v in kd.items()} if len(kd_rows) else None
-                m = self.learner.train_minibatch(tensors, "policy", self.loss_cfg,
-                                                 self.alg.loss_agg, self.cfg.rollout.temperature,
-                                                 kd=kd_sub)
+                extra = {e.term.name: {k: v[p[j]] for k, v in e.rows.items()}
+                         for e, p in zip(extra_rows, parts) if len(p[j])}
+                m = self.learner.train_minibatch(tensors, loss, self.cfg.rollout.temperature, extra)
                 if m.get("skipped"):
                     log.warning("step %d: non-finite loss, optimizer step skipped", step + 1)
                 for k, v in m.items():
@@ -352,51 +377,40 @@ class Trainer:
                 for k, v in collected.items()}
 
     def train_step(self, step: int) -> dict:
-        times: dict[str, float] = {}
-
-        def timed(name, fn, *a):
-            t0 = time.perf_counter()
-            out = fn(*a)
-            times[f"time/{name}_s"] = time.perf_counter() - t0
-            return out
-
-        t_step = time.perf_counter()
+        clock = StageClock()
         lr = self.alg.lr * min(1.0, (step + 1) / max(1, self.alg.lr_warmup_steps))
         self.learner.set_lr(lr)
-        batch, staleness = timed("rollout", self.rollout, step)
+        batch, staleness = clock("rollout", self.rollout, step)
         texts = self.decode_responses(batch)
-        reward_metrics = timed("reward", self.reward, batch, texts)
-        batch, kd, leaf_metrics = timed("leaf", self.leaf_terms, batch, step)
+        reward_metrics = clock("reward", self.reward, batch, texts)
+        batch, extra_rows, method_metrics = self.after_rewards(batch, step, clock)
         colocate = to_learner(self.engines)  # the step's generation is done: GPU to the learner
         self.rollouts.prefetch(step)  # async: the engines sample the next steps meanwhile
-        avar_mass = timed("score", self.score, batch)
-        vars_metrics = timed("vars", self.visual_reward, batch, avar_mass)
+        clock.add("stats", clock("score", self.score, batch))
+        method_metrics.update(self.hooks(clock, "shape_rewards", batch, step))
         overlong_metrics = apply_to_rewards(batch, self.overlong, self.cfg.rollout.max_new_tokens)
         mask = batch.response_mask  # every sampled token (the filter below drops truncated rows)
-        adv, credit_metrics = self.advantages(batch, step)
+        adv, weight_metrics = self.advantages(batch, step, clock)
         overlong_metrics.update(apply_to_mask(batch, self.overlong))  # (after their baselines)
-        times["time/credit_s"] = credit_metrics.pop("time_s")
-        times["time/stats_s"] = self.last_stats_s
-        train_metrics = timed("update", self.update, batch, step, kd)
-        memory = timed("memory", self.learner.memory)  # after the update: its peak, its state
-        sync = timed("sync", self.sync_weights, step + 1)  # (offloads the learner first)
-        times["time/step_s"] = time.perf_counter() - t_step
-        # What attention credit costs: the statistics pass inside the scoring forward plus γ.
-        times["time/credit_share"] = (times["time/stats_s"] + times["time/credit_s"]) / times["time/step_s"]
-        # What LeaF in RL costs: detection and the extra groups' rollouts (its KD rows ride
-        # inside the update's forwards and are not timed apart).
-        times["time/leaf_share"] = times["time/leaf_s"] / times["time/step_s"]
-        # What VARS costs: the statistics pass (shared with credit when both read attention,
-        # then an upper bound) plus the reward stage.
-        times["time/vars_share"] = (times["time/stats_s"] + times["time/vars_s"]) / times["time/step_s"]
-
+        train_metrics = clock("update", self.update, batch, step, extra_rows)
+        memory = clock("memory", self.learner.memory)  # after the update: its peak, its state
+        sync = clock("sync", self.sync_weights, step + 1)  # (offloads the learner first)
+        times = clock.finish(self.methods)
         n_tokens = float(mask.sum())
+        metrics = {**reward_metrics, **train_metrics, **times, **sync,
+                   **colocate, **method_metrics, **weight_metrics, **overlong_metrics,
+                   **{f"perf/learner_{k}": v for k, v in memory.items()},
+                   **self.rollout_metrics(batch, mask, adv, staleness), "train/lr": lr,
+                   "rollout/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
+                   "perf/tokens_per_s": n_tokens / times["time/step_s"]}
+        self.log_samples(batch, texts, step + 1)
+        return metrics
+
+    def rollout_metrics(self, batch: RolloutBatch, mask: torch.Tensor, adv: torch.Tensor,
+                        staleness: int) -> dict[str, float]:
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()
-        metrics = {
-            **reward_metrics, **train_metrics, **times, **sync, **colocate,
-            **{f"credit/{k}": v for k, v in credit_metrics.items()}, **leaf_metrics, **vars_metrics,
-            **overlong_metrics, **{f"perf/learner_{k}": v for k, v in memory.items()},
-            "rollout/accuracy": float(np.mean([m["correct"] for m in batch.meta])),
+        out = {
+            "rollout/accuracy": float(batch.correct.double().mean()),
             # policy versions between the weights that sampled the batch and the learner's
             "rollout/staleness": float(staleness),
             "rollout/response_len": float(batch.response_lengths().float().mean()),
@@ -407,36 +421,27 @@ class Trainer:
             "rollout/advantage_abs": float(adv.abs().mean()),
             # Groups whose rewards differ: the only ones that carry a GRPO learning signal.
             "rollout/mixed_groups": mixed_group_share(batch.rewards, batch.group_ids),
-            "rollout/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
-            "perf/tokens_per_s": n_tokens / times["time/step_s"],
-            "train/lr": lr,
         }
         if batch.ref_logprobs is not None:
-            metrics["rollout/kl_ref"] = masked_mean(batch.old_logprobs - batch.ref_logprobs, mask)
-        rows = [[step + 1, self.tok.decode(batch.input_ids[i][: m["prompt_len"]]), texts[i],
+            out["rollout/kl_ref"] = masked_mean(batch.old_logprobs - batch.ref_logprobs, mask)
+        return out
+
+    def log_samples(self, batch: RolloutBatch, texts: list[str], step: int) -> None:
+        """The sample table every step; at evaluations, each method's own tables too."""
+        rows = [[step, self.tok.decode(batch.input_ids[i][: m["prompt_len"]]), texts[i],
                  float(batch.rewards[i]), m["answer"]]
                 for i, m in enumerate(batch.meta[: self.cfg.logger.sample_table_rows])]
-        self.tracker.table("samples", ["step", "prompt", "response", "reward", "answer"], rows,
-                           step + 1)
-        if step == 0 or (step + 1) % self.cfg.eval_every == 0:
-            log_credit_table(self.tracker, self.tok, batch, getattr(self.credit, "trace", None),
-                             self.cfg.logger.sample_table_rows, step + 1)
-            if self.online_leaf is not None:
-                originals, det = self.last_leaf
-                labels = distractor_labels(originals, det.confounders.shape[1])
-                log_leaf_table(self.tracker, records(self.tok, originals, det, labels,
-                                                     self.cfg.logger.sample_table_rows), step + 1)
-        return metrics
+        self.tracker.table("samples", ["step", "prompt", "response", "reward", "answer"], rows, step)
+        if step == 1 or step % self.cfg.eval_every == 0:
+            for m in self.methods:
+                m.draw(self.tracker, self.tok, batch, self.cfg.logger.sample_table_rows, step)
 
     # --- eval and checkpoints -----------------------------------------------------------------
-    def log_vas_plot(self, evals: dict, step: int) -> None:
-        if self.stats_plan.vas_on:
-            log_vas_plot(self.tracker, evals, self.stats_plan.avar.layers, step)
-
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, greedy (`eval/accuracy`) and sampled at the rollout temperature
         (`eval/accuracy_sampled`, `rollout.eval_samples` per problem: the quantity RL
-        maximises, measured on problems it never trains on)."""
+        maximises, measured on problems it never trains on); and what the methods measure on
+        the greedy responses."""
         samples = self.task.dataset("test", self.cfg.task.eval_size)
         prompts = self.encode(samples)
         r = self.cfg.rollout
@@ -454,19 +459,15 @@ class Trainer:
             results = self.pool.score(items)
             correct = [res.components.get(s.task, 0.0) for res, (_, s) in zip(results, flat)]
             out[key] = float(np.mean(correct))
-            if key == "eval/accuracy" and self.stats_plan.vas_on:
-                out.update(self.eval_vas(prompts, comps))
+            if key == "eval/accuracy":
+                greedy = collate_rollouts(prompts, comps, self.tok.pad_token_id)
+                for m in self.methods:
+                    out.update(m.evaluate(greedy, self.tools()))
         return out
 
-    def eval_vas(self, prompts, completions) -> dict[str, float]:
-        """AVAR's VAS (§3.1) of the greedy held-out responses: one scoring forward with the
-        evidence/system key-class masses on avar.layers."""
-        avar = self.stats_plan.avar
-        batch = collate_rollouts(prompts, completions, self.tok.pad_token_id)
-        t = {**batch.model_inputs(), "response_mask": batch.response_mask,
-             "key_classes": avar.key_classes(batch)}
-        out = self.learner.score(t, self.cfg.rollout.temperature, avar.request())
-        return avar.vas_metrics(batch, avar.masses(out["attn_stats"]), "eval")
+    def draw_eval(self, evals: dict, step: int) -> None:
+        for m in self.methods:
+            m.draw_eval(self.tracker, evals, step)
 
     def save(self, step: int) -> Path:
         def write(tmp: Path) -> None:
@@ -500,7 +501,7 @@ class Trainer:
             evals = self.evaluate()
             self.state["last_eval"] = evals
             metrics.update({**evals, "time/eval_s": time.perf_counter() - t0})
-            self.log_vas_plot(evals, done)
+            self.draw_eval(evals, done)
         metrics.update({"fault/learner_restarts": float(self.failures),
                         "fault/engine_restarts": float(self.engines.restarts)})
         self.tracker.log(metrics, step=done)
@@ -516,15 +517,15 @@ class Trainer:
             self.state["cold_start_eval"] = self.evaluate()
             self.tracker.log({**self.state["cold_start_eval"],
                               "time/eval_s": time.perf_counter() - t0}, step=0)
-            self.log_vas_plot(self.state["cold_start_eval"], 0)
+            self.draw_eval(self.state["cold_start_eval"], 0)
             log.info("held-out accuracy before RL (of %s): %s", self.policy_init,
                      self.state["cold_start_eval"])
         bar = tqdm(total=cfg.steps, initial=self.step, desc="RL",
                    disable=not cfg.logger.progress, dynamic_ncols=True)
         evals = self.state.get("last_eval", self.state["cold_start_eval"])
         t_loop = time.perf_counter()
-        # per step: credit / LeaF / VARS shares of step time (credit's is NaN where the
-        # statistics pass cannot be timed apart: fused GPU kernels)
+        # per step, each method's share of step time (NaN where its statistics pass cannot be
+        # timed apart: fused GPU kernels)
         shares: dict[int, dict] = {}
         with StopOnSignal() as signals:
             while self.step < cfg.steps:
@@ -536,7 +537,7 @@ class Trainer:
                     bar.n = self.step
                     continue
                 done = self.step
-                shares[done] = {k: metrics[f"time/{k}_share"] for k in ("credit", "leaf", "vars")}
+                shares[done] = {m.name: metrics[f"time/{m.name}_share"] for m in self.methods}
                 bar.update(done - bar.n)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.2f}",
                                 acc=f"{metrics['rollout/accuracy']:.2f}",
@@ -549,26 +550,19 @@ class Trainer:
                                 "resume=true", reason, done)
                     break
         bar.close()
-        share_of = {k: [v[k] for v in shares.values()] for k in ("credit", "leaf", "vars")}
         cold = self.state["cold_start_eval"]
         summary = {"cold_start_accuracy": cold["eval/accuracy"],
                    "final_accuracy": evals["eval/accuracy"],
                    "cold_start_accuracy_sampled": cold.get("eval/accuracy_sampled", float("nan")),
                    "final_accuracy_sampled": evals.get("eval/accuracy_sampled", float("nan")),
                    "steps": self.step,
-                   "credit": self.cfg.credit.name,
                    "policy_init": self.policy_init,  # the cold start, or its distilled student
-                   # statistics pass + γ, as a share of step time (mean over this run's steps)
-                   "credit_share_of_step": float(np.nanmean(share_of["credit"])) if np.isfinite(share_of["credit"]).any() else float("nan"),
-                   # LeaF in RL (detection + extra groups), as a share of step time
-                   "leaf_share_of_step": float(np.mean(share_of["leaf"])) if self.online_leaf and shares else float("nan"),
-                   # AVAR: VAS of the greedy held-out responses; VARS as a share of step time
-                   "cold_start_vas": cold.get("eval/vas_response", float("nan")),
-                   "final_vas": evals.get("eval/vas_response", float("nan")),
-                   "vars_share_of_step": float(np.nanmean(share_of["vars"])) if self.stats_plan.vars_on and shares else float("nan"),
                    "stopped_by": signals.received,  # SIGTERM / SIGINT, or None
                    "learner_restarts": self.failures, "engine_restarts": self.engines.restarts,
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
+        for m in self.methods:  # its figures, and its share of step time (mean over the steps)
+            summary.update(m.summary(cold, evals))
+            summary[f"{m.name}_share_of_step"] = mean_of_finite([v[m.name] for v in shares.values()])
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.summary(summary)
         return summary

@@ -1,5 +1,6 @@
-"""The policy loss in one place: PPO-clip with clip-higher, optional sampler correction (truncated
-or masked importance sampling), KL and entropy terms.
+"""The losses in one place: the policy loss (PPO-clip with clip-higher, optional sampler correction
+— truncated or masked importance sampling —, KL and entropy terms), the SFT loss and the forward
+KL to a teacher; and, at the end, the `Loss` objects the engine runs (rl/engine/base.py).
 
 All tensors are [B, T] aligned to token positions (logprob at t scores token t given < t);
 `mask` marks the response tokens that are trained. The loss is a *sum* divided by a
@@ -9,9 +10,12 @@ gradient does not depend on how the minibatch is split across ranks and micro-ba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from rl.engine.base import Forwards, Loss, LossOut
+from rl.engine.frozen import next_token_logprobs, token_logprobs
 
 
 @dataclass
@@ -24,7 +28,6 @@ class PolicyLossConfig:
     tis_cap: float = 0.0     # c; 0 = no sampler correction
     tis_mode: str = "truncate"  # truncate: weight min(ρ, c) | mask: weight 1 if 1/c ≤ ρ ≤ c, else 0
     loss_agg: str = "token_mean"
-    kd_coef: float = 0.0    # LeaF in RL: weight of the KD rows (kd_*) a minibatch may carry
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str) -> torch.Tensor:
@@ -176,3 +179,106 @@ def distill_loss(student_logp: torch.Tensor, mask: torch.Tensor, normaliser: flo
     m = mask.to(kl.dtype)
     loss = (kl * m).sum() / normaliser
     return loss, {"kd_kl": ((kl.detach() * m).sum() / m.sum().clamp(min=1)).item()}
+
+
+# --- the Loss objects the engine runs ---------------------------------------------------------
+
+def token_count(rows: dict[str, torch.Tensor]) -> float:
+    """The response tokens of a row set (at least 1): a token-mean loss's global normaliser."""
+    return max(float(rows["response_mask"].sum()), 1.0)
+
+
+def per_token(metrics: dict[str, float], b: dict) -> dict[str, float]:
+    """Each metric weighted by the micro-batch's response tokens."""
+    n = float(b["response_mask"].sum())
+    return {k: n for k in metrics}
+
+
+@dataclass
+class DistillTerm:
+    """Forward KL to the teacher on a row set of its own (`name` in the micro-batch's extras),
+    added to another loss with weight `coef` and normalised by its own token count — LeaF's KD
+    rows inside an RL step are one. Its logits come from the host loss's forward."""
+    name: str
+    coef: float
+    normaliser: float = 1.0
+
+    def bind(self, rows: dict[str, torch.Tensor]) -> "DistillTerm":
+        return replace(self, normaliser=token_count(rows))
+
+    def __call__(self, model: Forwards, rows: dict, logits: torch.Tensor) -> LossOut:
+        value, metrics = teacher_kl(model, rows, logits, self.normaliser)
+        return LossOut(self.coef * value, metrics, per_token(metrics, rows))
+
+
+def teacher_kl(model: Forwards, b: dict, logits: torch.Tensor, normaliser: float):
+    """Forward KL to the teacher at T = 1 over the response tokens (LeaF §2.3): its top-k
+    came with the rows (teacher actors), or a teacher loaded beside the policy scores them."""
+    student = next_token_logprobs(logits)
+    if "teacher_ids" in b:
+        return distill_loss(student, b["response_mask"], normaliser,
+                            teacher_ids=b["teacher_ids"], teacher_topk_logp=b["teacher_logprobs"])
+    return distill_loss(student, b["response_mask"], normaliser,
+                        teacher_logp=model.teacher_logprobs(b))
+
+
+@dataclass
+class PolicyLoss(Loss):
+    """The RL objective: `policy_loss` on the rows, plus extra terms on row sets of their own
+    that share its forward."""
+    cfg: PolicyLossConfig
+    terms: tuple = ()
+    normaliser: float = 1.0
+
+    def bind(self, rows, extra) -> "PolicyLoss":
+        mask = rows["response_mask"]
+        n = float(mask.sum()) if self.cfg.loss_agg == "token_mean" else float(len(mask))
+        terms = tuple(t.bind(extra[t.name]) if t.name in extra else t for t in self.terms)
+        return replace(self, normaliser=max(n, 1.0), terms=terms)
+
+    def __call__(self, model, b, temperature) -> LossOut:
+        extra = b.get("extra", {})
+        present = [t for t in self.terms if t.name in extra]
+        need_ent = self.cfg.entropy_coef > 0
+        if present:  # the policy's rows and the terms' in one forward
+            logits = model.logits(b, *(extra[t.name] for t in present))
+            lp, ent = token_logprobs(logits[0], b["input_ids"], temperature, need_ent)
+        else:
+            lp, ent = model.logprobs(b, temperature, need_ent)
+        value, metrics = policy_loss(lp, b["old_logprobs"], b["advantages"], b["response_mask"],
+                                     self.cfg, self.normaliser,
+                                     sampler_logprobs=b.get("sampler_logprobs"),
+                                     ref_logprobs=b.get("ref_logprobs"), entropy=ent)
+        weights = per_token(metrics, b)
+        for term, lg in zip(present, logits[1:] if present else []):
+            out = term(model, extra[term.name], lg)
+            value = value + out.value
+            metrics.update(out.metrics)
+            weights.update(out.weights)
+        return LossOut(value, metrics, weights)
+
+
+@dataclass
+class SftLoss(Loss):
+    """Next-token negative log-likelihood of the response tokens (the cold start)."""
+    normaliser: float = 1.0
+
+    def bind(self, rows, extra) -> "SftLoss":
+        return replace(self, normaliser=token_count(rows))
+
+    def __call__(self, model, b, temperature) -> LossOut:
+        lp, _ = model.logprobs(b, temperature)
+        return LossOut(sft_loss(lp, b["response_mask"], self.normaliser), {}, {})
+
+
+@dataclass
+class DistillLoss(Loss):
+    """Offline distillation: forward KL to the teacher on every row."""
+    normaliser: float = 1.0
+
+    def bind(self, rows, extra) -> "DistillLoss":
+        return replace(self, normaliser=token_count(rows))
+
+    def __call__(self, model, b, temperature) -> LossOut:
+        value, metrics = teacher_kl(model, b, model.logits(b)[0], self.normaliser)
+        return LossOut(value, metrics, per_token(metrics, b))

@@ -113,7 +113,7 @@ def normalise_visual(r: Tensor, correct: Tensor, group_ids: Tensor, mode: str, c
 
 @dataclass(frozen=True)
 class AgtoConfig:
-    """The cold start's attention terms (cold_start.objective=agto), weights from `avar:`."""
+    """The cold start's attention terms (avar=agto|agto_vars), weights from `avar:`."""
     alpha: float = 0.15
     beta: float = 0.15
     layers: Any = "all"

@@ -1,29 +1,71 @@
-"""AVAR in the RL loop: VARS reward shaping after the scoring forward, VAS at evaluation.
+"""AVAR in the RL step (a method, rl/methods/base.py): VARS reward shaping after the scoring
+forward, VAS at evaluation, and the AGTO objective of the cold start.
 
 VARS needs the learner's attention on the rollouts, so it cannot be a text verifier in
-`rewards/` (which sees strings in worker processes). It is a stage between scoring and
-advantages that edits `batch.rewards` — before group normalisation, as §3.3.3 places it —
-reading the key-class masses the scoring forward already captured for it.
+`rewards/` (which sees strings in worker processes). It edits `batch.rewards` between scoring
+and advantages — before group normalisation, as §3.3.3 places it — reading the key-class
+masses the scoring forward captured for it. Its metrics are logged under vars/, its cost as
+time/vars_share.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from rl.avar.scores import (N_CLASSES, check_classes, key_classes, normalise_visual, r_visual,
-                            user_query_mask, vas)
+from kernels.capture import select_layers
+from rl.avar.scores import (N_CLASSES, AgtoConfig, check_classes, key_classes, normalise_visual,
+                            r_visual, user_query_mask, vas)
 from rl.batch import RolloutBatch
+from rl.methods.base import ColdStartObjective, Method, RunInfo, Tools
 
 
-class VisualAttention:
-    def __init__(self, cfg, layers: list[int]):
-        self.p = cfg.avar
-        self.layers = layers
+def from_config(cfg) -> "Avar | None":
+    """AVAR's parts the avar group turns on: VAS at evaluations (every choice but none), VARS
+    (vars, agto_vars), the AGTO cold start (agto, agto_vars)."""
+    v = cfg.avar
+    if v.name == "none":
+        return None
+    agto = None
+    if v.name in ("agto", "agto_vars"):
+        agto = AgtoConfig(alpha=v.agto_alpha, beta=v.agto_beta, layers=v.layers, eps=v.eps,
+                          evidence=v.evidence)
+    return Avar(v, vars_on=v.name in ("vars", "agto_vars"), vas_on=True, agto=agto)
+
+
+class Avar(Method):
+    name = "vars"
+
+    def __init__(self, p, vars_on: bool, vas_on: bool, agto: AgtoConfig | None):
+        self.p, self.vars_on, self.vas_on, self.agto = p, vars_on, vas_on, agto
+        self.reads_statistics = vars_on
+        self.layers: list[int] = []
+
+    def cold_start_objective(self) -> ColdStartObjective | None:
+        if self.agto is None:
+            return None
+        from rl.avar.agto import AgtoLoss, agto_inputs
+
+        agto = self.agto
+        return ColdStartObjective(AgtoLoss(agto), lambda batch: agto_inputs(batch, agto),
+                                  asdict(agto))
+
+    def setup(self, run: RunInfo) -> None:
+        self.layers = select_layers(self.p.layers, run.num_layers)
 
     def request(self) -> dict:
-        """What the scoring forward captures for AVAR: evidence/system masses on its layers."""
+        """Evidence/system masses on its layers."""
         return {"layers": self.layers, "n_classes": N_CLASSES}
 
-    def key_classes(self, batch: RolloutBatch) -> torch.Tensor:
+    def scoring_request(self) -> dict | None:
+        return self.request() if self.vars_on else None
+
+    def key_classes(self, batch: RolloutBatch) -> torch.Tensor | None:
+        if not self.vars_on:
+            return None
+        return self._key_classes(batch)
+
+    def _key_classes(self, batch: RolloutBatch) -> torch.Tensor:
         kc = key_classes(batch.token_classes, self.p.evidence)
         check_classes(kc, f"AVAR (avar.evidence={self.p.evidence})")
         return kc
@@ -31,19 +73,32 @@ class VisualAttention:
     def masses(self, attn_stats: dict) -> dict[int, torch.Tensor]:
         return {layer: attn_stats[layer]["mass"] for layer in self.layers}
 
-    def shape_rewards(self, batch: RolloutBatch, mass: dict) -> dict[str, float]:
+    def shape_rewards(self, batch: RolloutBatch, step: int) -> dict[str, float]:
         """VARS: reward += λ_v · r_visual (0 for a wrong response), r_visual normalised per
         avar.vars_norm. Logs the raw range (§3.3.3's scale warning) and the rollouts' VAS."""
-        correct = torch.tensor([float(m["correct"]) for m in batch.meta])
+        if not self.vars_on:
+            return {}
+        mass = self.masses(batch.attn_stats)
+        correct = batch.correct.float()
         raw = r_visual(mass, batch.response_mask, correct, self.p.eps)
         shaped = normalise_visual(raw, correct, batch.group_ids, self.p.vars_norm, self.p.vars_clip)
         batch.rewards = batch.rewards + self.p.vars_coef * shaped
         ok = raw[correct.bool()]  # the raw range over the responses that earn the bonus
-        out = {f"vars/r_visual_{name}": float(getattr(ok, name)()) if len(ok) else 0.0
+        out = {f"r_visual_{name}": float(getattr(ok, name)()) if len(ok) else 0.0
                for name in ("mean", "min", "max")}
-        out["vars/bonus_mean"] = float((self.p.vars_coef * shaped).mean())
-        out.update(self.vas_metrics(batch, mass, "vars"))
+        out["bonus_mean"] = float((self.p.vars_coef * shaped).mean())
+        out.update({k[len("vars/"):]: v for k, v in self.vas_metrics(batch, mass, "vars").items()})
         return out
+
+    def evaluate(self, batch: RolloutBatch, tools: Tools) -> dict[str, float]:
+        """VAS (§3.1) of the greedy held-out responses: one scoring forward with the
+        evidence/system key-class masses on its layers."""
+        if not self.vas_on:
+            return {}
+        t = {**batch.model_inputs(), "response_mask": batch.response_mask,
+             "key_classes": self._key_classes(batch)}
+        out = tools.learner.score(t, tools.temperature, self.request())
+        return self.vas_metrics(batch, self.masses(out["attn_stats"]), "eval")
 
     def vas_metrics(self, batch: RolloutBatch, mass: dict, prefix: str) -> dict[str, float]:
         """VAS over the response tokens and over the user-query tokens (§3.1 leaves U open:
@@ -61,3 +116,17 @@ class VisualAttention:
             for layer, v in zip(self.layers, per_layer.mean(1).tolist()):
                 out[f"{prefix}/vas_{name}_L{layer}"] = v
         return out
+
+    def draw_eval(self, tracker, evals: dict, step: int) -> None:
+        """VAS per layer at this evaluation, as one chart (response and user-query tokens as
+        two lines)."""
+        if not self.vas_on:
+            return
+        layers = self.layers
+        series = {u: [evals[f"eval/vas_{u}_L{layer}"] for layer in layers]
+                  for u in ("response", "query") if f"eval/vas_{u}_L{layers[0]}" in evals}
+        tracker.line_plot("eval/vas_by_layer", "layer", layers, series, step)
+
+    def summary(self, before: dict, after: dict) -> dict:
+        return {"cold_start_vas": before.get("eval/vas_response", float("nan")),
+                "final_vas": after.get("eval/vas_response", float("nan"))}

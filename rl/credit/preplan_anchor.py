@@ -215,24 +215,34 @@ class PreplanAnchorCredit(CreditMethod):
     """The three attention strategies and the random / entropy baselines (same TopQ, same γ_amp)."""
 
     Params = PreplanAnchorParams
+    BASELINE = {"top_q", "gamma_amp", "positive_only"}
+    ANCHOR = BASELINE | {"waad_window", "fai_band", "head_quantile"}
 
-    def __init__(self, name, params, seed=0):
-        super().__init__(name, params, seed)
+    @classmethod
+    def keys(cls, strategy: str) -> set[str]:
+        if strategy in ("random", "entropy"):
+            return cls.BASELINE
+        if strategy in ("local_chunk", "global_anchor"):
+            return cls.ANCHOR  # (their sets do not read coupled's alpha, k, waad_quantile, delta_top_q)
+        return super().keys(strategy)
+
+    def __init__(self, strategy, params, seed=0, stats_layers="middle:5"):
+        super().__init__(strategy, params, seed, stats_layers)
         self.prev_heads: tuple[list[int], list[int]] | None = None
         self.trace: CreditTrace | None = None
 
     def stats_request(self) -> dict | None:
-        if self.name not in ATTENTION_STRATEGIES:
+        if self.strategy not in ATTENTION_STRATEGIES:
             return None
         return {"distance": True, "waad_window": self.p.waad_window, "fai_band": list(self.p.fai_band)}
 
-    def __call__(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+    def weights(self, batch: RolloutBatch, stats: dict | None, step: int) -> dict[str, float]:
         p, resp = self.p, batch.response_mask.bool()
         metrics: dict[str, float] = {}
-        if self.name in ATTENTION_STRATEGIES:
-            if batch.attn_stats is None:
-                raise RuntimeError(f"credit={self.name} needs attention statistics from the scoring forward")
-            gamma, trace, d = attention_credit(batch.attn_stats, resp, self.name, p)
+        if self.strategy in ATTENTION_STRATEGIES:
+            if stats is None:
+                raise RuntimeError(f"credit={self.strategy} needs attention statistics from the scoring forward")
+            gamma, trace, d = attention_credit(stats, resp, self.strategy, p)
             s = trace.sets
             n = resp.sum().clamp(min=1).item()
             metrics.update({
@@ -247,7 +257,7 @@ class PreplanAnchorCredit(CreditMethod):
             })
             self.prev_heads = (trace.local_heads, trace.global_heads)
         else:
-            if self.name == "random":
+            if self.strategy == "random":
                 gen = torch.Generator().manual_seed(stable_hash("credit", self.seed, step) % 2**63)
                 score = torch.rand(resp.shape, generator=gen)
             else:

@@ -274,3 +274,25 @@ def credit_png(tokens: list[str], values: dict[str, list[float]], path, title: s
     if title:
         fig.text(left / fig_w, 1 - 0.12 / fig_h, title, ha="left", va="top", fontsize=10)
     fig.savefig(path, dpi=110, facecolor="white")
+
+
+def log_credit_table(tracker, tok, batch, trace, n: int, step: int) -> None:
+    """A few responses coloured token by token by WAAD, FAI and γ (`credit_samples`); `trace`:
+    the credit method's last trace (None: it keeps none)."""
+    if trace is None or tracker.run is None or n <= 0:
+        return
+    rows = []
+    for i in range(min(n, len(batch))):
+        pos = batch.response_mask[i].nonzero()[:, 0]
+        tokens = [tok.decode([t]) for t in batch.input_ids[i, pos].tolist()]
+        values = {"γ": trace.gamma[i, pos].tolist()}
+        marks = {"selected": trace.selected[i, pos].tolist()}
+        if trace.sets is not None:
+            values = {"WAAD": trace.sets.waad[i, pos].tolist(), "FAI": trace.sets.fai[i, pos].tolist(), **values}
+            marks = {"preplan": trace.sets.preplan[i, pos].tolist(),
+                     "anchor": trace.sets.anchor[i, pos].tolist(),
+                     "intro": trace.sets.intro[i, pos].tolist()}
+        rows.append([step, float(batch.rewards[i]), float(batch.seq_advantages[i]),
+                     credit_html(tokens, values, marks=marks)])
+    tracker.table("credit_samples", ["step", "reward", "advantage", "credit"], rows, step,
+                  html_columns=("credit",))

@@ -2,15 +2,62 @@
 
 Nothing outside the engine knows it is DeepSpeed, so another backend (FSDP2, Megatron) is one
 more file here. Batches cross the boundary as dicts of [B, T] tensors (see rl/batch.py for
-their meaning); losses are chosen by name and config, not passed as closures, because the
-engine lives in a Ray actor on another process.
+their meaning). The engine takes its objective as a `Loss` object (pickled into the Ray actor
+that holds the engine): the policy loss, the cold start's, a method's extra terms — it runs
+whichever it is given through its `Forwards` and never chooses one by name.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+
+@dataclass
+class LossOut:
+    """One micro-batch's share of a loss: `value` (already over the minibatch's global
+    normaliser), its metrics, and per metric the tokens (or rows) it is an average over, so
+    micro-batches and ranks combine into the minibatch's average."""
+    value: torch.Tensor
+    metrics: dict[str, float]
+    weights: dict[str, float]
+
+
+class Forwards(ABC):
+    """What a loss may run on the model being trained, inside one micro-batch."""
+
+    @abstractmethod
+    def logprobs(self, b: dict, temperature: float, entropy: bool = False):
+        """Per-token (logprobs, entropy or None) [B, T]: packed rows where they apply."""
+
+    @abstractmethod
+    def logits(self, *row_sets: dict) -> list[torch.Tensor]:
+        """[B_i, T_i, V] logits of each row set, all from one forward (every rank runs the same
+        number of forwards under ZeRO-3, whatever its mix of rows)."""
+
+    @abstractmethod
+    def attention(self, layers, spec, grad_mass: bool = False):
+        """An AttentionCapture (kernels/capture.py) on the model's layers: statistics of the
+        forwards run inside it; with `grad_mass`, key-class masses that carry gradient."""
+
+    @abstractmethod
+    def teacher_logprobs(self, b: dict) -> torch.Tensor:
+        """[B, T, V] next-token log-probs of a teacher loaded beside the policy."""
+
+
+class Loss(ABC):
+    """A training objective the engine runs without knowing what it is."""
+
+    def bind(self, rows: dict[str, torch.Tensor], extra: dict[str, dict]) -> "Loss":
+        """This loss for one minibatch (`rows`, plus any extra row sets by name), before it is
+        split over ranks and micro-batches: where global normalisers are counted."""
+        return self
+
+    @abstractmethod
+    def __call__(self, model: Forwards, b: dict, temperature: float) -> LossOut:
+        """One micro-batch `b` (tensors; its share of extra row sets under b["extra"][name])."""
 
 
 class ScoringEngine(ABC):
@@ -39,9 +86,10 @@ class TrainEngine(ScoringEngine):
         """Per-token logprobs of the frozen reference model (KL); raises if none was loaded."""
 
     @abstractmethod
-    def train_minibatch(self, micro_batches: list[dict[str, torch.Tensor]], loss: str,
-                        loss_cfg, normaliser: float, temperature: float) -> dict[str, float]:
-        """Forward/backward over the micro-batches, then one optimizer step (or a logged skip)."""
+    def train_minibatch(self, micro_batches: list[dict], loss: Loss,
+                        temperature: float) -> dict[str, float]:
+        """Forward/backward of `loss` (bound to the minibatch) over the micro-batches, then one
+        optimizer step (or a logged skip)."""
 
     @abstractmethod
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.varlen import install_sdpa
-from rl.algorithms.losses import distill_loss, policy_loss, sft_loss
-from rl.engine.base import TrainEngine
+from rl.engine.base import Forwards, Loss, TrainEngine
 from rl.engine.frozen import (FrozenModel, input_grad_norms, load_model, logits_of,
-                              next_token_logprobs, topk_logprobs)
+                              next_token_logprobs, token_logprobs, topk_logprobs)
 from rl.engine.packing import is_right_padded, packed_token_logprobs, packing_matches
 
 
@@ -75,19 +74,6 @@ class DSEngineConfig:
     # Forwards on one packed row of real tokens, each group's shared prefix once
     # (rl/engine/packing.py) instead of right-padded rows; attention "sdpa", text models
     padding_free: bool = True
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
-                   with_entropy: bool = True):
-    """logprob[:, t] of token t under the distribution predicted at t-1; column 0 is 0."""
-    logits = logits[:, :-1].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    lp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    lp = F.pad(lp, (1, 0))
-    if not with_entropy:
-        return lp, None
-    ent = -(logp_all.exp() * logp_all).sum(-1)
-    return lp, F.pad(ent, (1, 0))
 
 
 class DeepSpeedEngine(TrainEngine):
@@ -162,7 +148,11 @@ class DeepSpeedEngine(TrainEngine):
 
     # --- forwards -------------------------------------------------------------------------
     def _to(self, batch):
-        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        """Tensors to the device (and the row sets of a loss's extra terms, b["extra"])."""
+        out = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if batch.get("extra"):
+            out["extra"] = {name: self._to(rows) for name, rows in batch["extra"].items()}
+        return out
 
     def _forward(self, model, b, temperature, with_entropy=True):
         """Per-token logprobs (and entropy) of a batch: from packed rows when they apply."""
@@ -242,7 +232,7 @@ class DeepSpeedEngine(TrainEngine):
             logits = self.engine(input_ids=b["input_ids"][:1, :1], use_cache=False).logits
         self.engine.backward(logits.sum() * 0.0)
 
-    def train_minibatch(self, micro_batches, loss, loss_cfg, normaliser, temperature=1.0):
+    def train_minibatch(self, micro_batches, loss: Loss, temperature=1.0):
         self.reload()
         if len(micro_batches) != self.cfg.grad_accum_steps:
             raise ValueError(f"expected {self.cfg.grad_accum_steps} micro-batches, "
@@ -255,16 +245,15 @@ class DeepSpeedEngine(TrainEngine):
         for i, mb in enumerate(micro_batches):
             b = self._to(mb)
             if finite:
-                value, m = self._micro_loss(b, loss, loss_cfg, normaliser, temperature)
-                finite = self._all_finite(value)
+                out = loss(self.forwards, b, temperature)
+                finite = self._all_finite(out.value)
             if not finite:
                 self._null_backward(b)
             else:
-                self.engine.backward(value * scale)
-                loss_sum += value.item()
-                for k, v in m.items():  # token-weighted over the micro-batches reporting it
-                    rows = "kd_response_mask" if k == "kd_kl" and "kd_response_mask" in b else "response_mask"
-                    n = b[rows].sum().item()
+                self.engine.backward(out.value * scale)
+                loss_sum += out.value.item()
+                for k, v in out.metrics.items():  # weighted over the micro-batches reporting it
+                    n = out.weights[k]
                     metrics[k] = metrics.get(k, 0.0) + v * n
                     weights[k] = weights.get(k, 0.0) + n
             if i == len(micro_batches) - 1 and not finite:
@@ -305,79 +294,9 @@ class DeepSpeedEngine(TrainEngine):
                 else:
                     st[k] = v
 
-    def _micro_loss(self, b, loss, loss_cfg, normaliser, temperature):
-        if loss == "distill":
-            return self._distill_term(logits_of(self.engine, b), b, normaliser)
-        if loss == "sft" and loss_cfg is not None:
-            return self._agto_loss(b, loss_cfg, normaliser, temperature)
-        if loss == "sft":
-            lp, _ = self._forward(self.engine, b, temperature, with_entropy=False)
-            return sft_loss(lp, b["response_mask"], normaliser), {}
-        kd = {k[3:]: v for k, v in b.items() if k.startswith("kd_") and k != "kd_normaliser"}
-        need_ent = loss_cfg.entropy_coef > 0
-        if kd:
-            logits, kd_logits = self._joint_logits(b, kd)
-            lp, ent = token_logprobs(logits, b["input_ids"], temperature, need_ent)
-        else:
-            lp, ent = self._forward(self.engine, b, temperature, need_ent)
-        value, metrics = policy_loss(lp, b["old_logprobs"], b["advantages"], b["response_mask"],
-                                     loss_cfg, normaliser,
-                                     sampler_logprobs=b.get("sampler_logprobs"),
-                                     ref_logprobs=b.get("ref_logprobs"), entropy=ent)
-        if kd:  # LeaF (b): + coef · KL(p_T ‖ p_S) on the pruned prompts, over their own count
-            kd_value, kd_metrics = self._distill_term(kd_logits, kd, float(b["kd_normaliser"]))
-            value = value + loss_cfg.kd_coef * kd_value
-            metrics.update(kd_metrics)
-        return value, metrics
-
-    def _agto_loss(self, b, agto, normaliser, temperature):
-        """AVAR's AGTO cold start (§3.3.2): L_LM + α·L_img + β·L_sys, the attention masses on
-        the evidence and system keys taken *with gradient* from the kernels' class-mass pass
-        (one indicator-valued attention call per layer; no eager N×N map). The per-row terms
-        are weighted by `agto_row_weight` (1 / rows of the whole minibatch), so micro-batches
-        and ranks add up to the minibatch mean."""
-        from kernels import AttentionCapture, StatsSpec
-
-        from rl.avar.scores import N_CLASSES, agto_loss
-
-        cap = AttentionCapture(self._module(), layers=agto.layers, spec=StatsSpec(n_classes=N_CLASSES),
-                               impl=self.cfg.attn_impl, grad_mass=True)
-        with cap(key_classes=b["key_classes"]) as captured:
-            lp, _ = token_logprobs(logits_of(self.engine, b), b["input_ids"], temperature, False)
-        lm = sft_loss(lp, b["response_mask"], normaliser)
-        l_img, l_sys = agto_loss(captured.grad_mass, b["query_mask"], b["key_classes"], agto.eps)
-        w = b["agto_row_weight"].to(l_img.dtype)
-        value = lm + agto.alpha * (w * l_img).sum() + agto.beta * (w * l_sys).sum()
-        return value, {"lm_nll": float(-(lp * b["response_mask"]).sum() / b["response_mask"].sum()),
-                       "agto_img": float(l_img.mean()), "agto_sys": float(l_sys.mean())}
-
-    def _joint_logits(self, b, kd):
-        """Policy rows and LeaF KD rows in one forward, right-padded to a common width (under
-        ZeRO-3 every rank must run the same number of forwards, whatever its row mix)."""
-        width = max(b["input_ids"].shape[1], kd["input_ids"].shape[1])
-
-        def pad(t):
-            return F.pad(t.long(), (0, width - t.shape[1]))
-
-        logits = self.engine(input_ids=torch.cat([pad(b["input_ids"]), pad(kd["input_ids"])]),
-                             attention_mask=torch.cat([pad(b["attention_mask"]),
-                                                       pad(kd["attention_mask"])]),
-                             use_cache=False).logits
-        n = len(b["input_ids"])  # causal + right padding: the extra columns change nothing before them
-        return logits[:n, : b["input_ids"].shape[1]], logits[n:, : kd["input_ids"].shape[1]]
-
-    def _distill_term(self, logits, b, normaliser):
-        """Forward KL to the teacher at T = 1 over the response tokens (LeaF §2.3); the teacher
-        is colocated (full distributions) or its top-k came with the batch."""
-        student = next_token_logprobs(logits)
-        if "teacher_ids" in b:
-            return distill_loss(student, b["response_mask"], normaliser,
-                                teacher_ids=b["teacher_ids"], teacher_topk_logp=b["teacher_logprobs"])
-        if self.teacher is None:
-            raise RuntimeError("distill loss: no teacher targets in the batch and no colocated "
-                               "teacher (teacher.placement)")
-        return distill_loss(student, b["response_mask"], normaliser,
-                            teacher_logp=self.teacher.full_logprobs(b))
+    @property
+    def forwards(self) -> Forwards:
+        return PolicyForwards(self)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -482,6 +401,47 @@ class DeepSpeedEngine(TrainEngine):
             if "exp_avg" in st:
                 total += st["exp_avg"].abs().sum().item()
         return total
+
+
+class PolicyForwards(Forwards):
+    """What a Loss may run on the policy under training (rl/engine/base.py)."""
+
+    def __init__(self, engine: DeepSpeedEngine):
+        self.e = engine
+
+    def logprobs(self, b, temperature, entropy=False):
+        return self.e._forward(self.e.engine, b, temperature, entropy)
+
+    def logits(self, *row_sets):
+        if len(row_sets) == 1:
+            return [logits_of(self.e.engine, row_sets[0])]
+        # right-padded to a common width; causal + right padding: the extra columns change
+        # nothing before them
+        width = max(r["input_ids"].shape[1] for r in row_sets)
+
+        def cat(key):
+            return torch.cat([F.pad(r[key].long(), (0, width - r[key].shape[1])) for r in row_sets])
+
+        logits = self.e.engine(input_ids=cat("input_ids"), attention_mask=cat("attention_mask"),
+                               use_cache=False).logits
+        out, start = [], 0
+        for r in row_sets:
+            n, t = r["input_ids"].shape
+            out.append(logits[start:start + n, :t])
+            start += n
+        return out
+
+    def attention(self, layers, spec, grad_mass=False):
+        from kernels import AttentionCapture
+
+        return AttentionCapture(self.e._module(), layers=layers, spec=spec,
+                                impl=self.e.cfg.attn_impl, grad_mass=grad_mass)
+
+    def teacher_logprobs(self, b):
+        if self.e.teacher is None:
+            raise RuntimeError("distillation: no teacher targets in the batch and no teacher "
+                               "loaded beside the policy (teacher.placement)")
+        return self.e.teacher.full_logprobs(b)
 
 
 def device_env(env: dict) -> dict[str, str]:

@@ -60,6 +60,19 @@ def logits_of(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
                  use_cache=False, **image_kwargs(model, b)).logits
 
 
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+                   with_entropy: bool = True):
+    """logprob[:, t] of token t under the distribution predicted at t-1; column 0 is 0."""
+    logits = logits[:, :-1].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    lp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    lp = F.pad(lp, (1, 0))
+    if not with_entropy:
+        return lp, None
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return lp, F.pad(ent, (1, 0))
+
+
 def next_token_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[B, T, V] log-probs aligned like `token_logprobs`: column t is the distribution that
     predicts token t (from positions < t); column 0 predicts nothing and is all zeros."""

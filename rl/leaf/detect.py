@@ -78,6 +78,21 @@ def records(tok, examples: list[Example], det: Detection, labels: torch.Tensor, 
             for i, ex in enumerate(examples[:n])]
 
 
+def log_leaf_table(tracker, records: list[dict], step: int) -> None:
+    """Prompts LeaF's detection saw (before RL: the distillation's; during RL: the step's),
+    each token coloured by Δ (low Δ: the student leans on it, the teacher does not),
+    confounders and labelled distractors marked (`leaf_confounders`)."""
+    from rl.credit.render import credit_html
+
+    rows = [[d["uid"], sum(d["confounder"]),
+             credit_html(d["tokens"], {"Δ": d["delta"]},
+                         marks={"confounder": d["confounder"],
+                                "distractor (label)": d["distractor"]})]
+            for d in records]
+    tracker.table("leaf_confounders", ["uid", "confounders", "prompt"], rows, step,
+                  html_columns=("prompt",))
+
+
 def prune_detected(examples: list[Example], det: Detection, mode: str) -> list[Example]:
     """Every example's counterfactuals (one per confounder span, or one collective)."""
     out = []

@@ -5,8 +5,8 @@ best-rewarded response as the continuation (the teacher on its actors, the stude
 current policy on the learner ranks), and gets at most one pruned copy: all its confounder
 spans deleted (leaf.pruning=collective) or the span holding its lowest Δ (span). Then
 
-  (b) leaf.kl_coef > 0: pruned prompt ⊕ that response become KD rows; the update adds
-      kl_coef · KL(p_T ‖ p_S) over their response tokens to the policy loss (same optimizer
+  (b) leaf.kd_coef > 0: pruned prompt ⊕ that response become KD rows; the update adds
+      kd_coef · KL(p_T ‖ p_S) over their response tokens to the policy loss (same optimizer
       step, their own token count as normaliser);
   (c) leaf.counterfactual_groups = G > 0: G pruned prompts are rolled out as extra GRPO groups
       (n samples each, rewarded by the task's verifier), so the policy is also trained on the
@@ -18,14 +18,19 @@ confounder, pruned copies repeat, and a step with none re-rolls original prompts
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from rl.algorithms.losses import DistillTerm
 from rl.batch import RolloutBatch
 from rl.data import EncodedPrompt
 from rl.leaf.confounders import precision_recall_f1
-from rl.leaf.detect import Detection, detect
+from rl.leaf.detect import Detection, detect, log_leaf_table, records
 from rl.leaf.examples import Example, batch_tensors, counterfactuals, distractor_labels
+from rl.methods.base import AfterRewards, ExtraRows, Method, Tools
+from rl.tasks.base import stable_hash
+from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
 
 KD_KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -51,16 +56,68 @@ def strongest_span(det: Detection, i: int) -> list[tuple[int, int]]:
     return [min(spans, key=lambda s: float(lowest[s[0]:s[1]].min()))]
 
 
-class OnlineLeaf:
-    def __init__(self, cfg, tok, learner, teacher):
-        self.lf, self.tok, self.learner, self.teacher = cfg.leaf, tok, learner, teacher
-        self.topk = None if cfg.teacher.placement == "colocated" else cfg.teacher.topk
+def from_config(cfg) -> "LeafInRL | None":
+    return LeafInRL(cfg) if cfg.leaf.name == "rl" else None
 
-    def detect(self, batch: RolloutBatch) -> tuple[list[Example], list[Example | None], Detection, dict]:
+
+class LeafInRL(Method):
+    """LeaF's two RL terms as a method of the step: detection after rewards, (c)'s extra groups
+    and (b)'s KD rows with their loss term; the teacher's actors start and stop with the
+    learner group (a colocated teacher is loaded inside its ranks)."""
+
+    name = "leaf"
+
+    def __init__(self, cfg):
+        self.cfg, self.lf = cfg, cfg.leaf
+        self.topk = None if cfg.teacher.placement == "colocated" else cfg.teacher.topk
+        self.teacher_path: str | None = None
+        self.teacher: TeacherGroup | None = None
+        self.policy = ""
+        self.last: tuple[list[Example], Detection] | None = None  # for its table (draw)
+
+    def before_rl(self, policy: str, progress: bool) -> str:
+        self.teacher_path = teacher_path(self.cfg, Path(self.cfg.cache_dir), progress)
+        self.policy = policy
+        return policy
+
+    def learner_options(self) -> dict:
+        colocated = self.cfg.teacher.placement == "colocated"
+        return {"teacher_model_path": self.teacher_path} if colocated else {}
+
+    def start(self, tools: Tools) -> None:
+        t = self.cfg.teacher
+        vocab = student_vocab_size(self.policy, self.teacher_path)
+        self.teacher = TeacherGroup(self.teacher_path, t, self.cfg.model.dtype, vocab,
+                                    learner=tools.learner if t.placement == "colocated" else None)
+
+    def stop(self) -> None:
+        if self.teacher is not None:
+            self.teacher.shutdown()
+            self.teacher = None
+
+    def after_rewards(self, batch: RolloutBatch, step: int, tools: Tools) -> AfterRewards:
+        """Confounders of the step's prompts; (c) pruned prompts rolled out and rewarded as
+        extra groups; (b) KD rows for the update."""
+        lf = self.lf
+        originals, pruned, det, metrics = self.detect(batch, tools)
+        self.last = (originals, det)
+        kept = [p for p in pruned if p is not None]
+        kd = self.kd_rows(kept, tools.tok) if lf.kd_coef > 0 and kept else None
+        metrics["kd_rows"] = float(len(kd["input_ids"])) if kd else 0.0
+        if lf.counterfactual_groups:
+            prompts = groups_to_roll(originals, pruned, lf.counterfactual_groups)
+            seeds = [stable_hash("leaf", self.cfg.seed, step, i) % 2**31 for i in range(len(prompts))]
+            extra = tools.roll(prompts, seeds, int(batch.group_ids.max()) + 1)
+            metrics["cf_accuracy"] = float(extra.correct.float().mean())
+            batch = RolloutBatch.concat(batch, extra)
+        rows = [ExtraRows(DistillTerm("leaf_kd", lf.kd_coef), kd)] if kd else []
+        return AfterRewards(batch, rows, metrics)
+
+    def detect(self, batch: RolloutBatch, tools: Tools) -> tuple[list[Example], list[Example | None], Detection, dict]:
         """(originals, one pruned copy per original or None, the detection, metrics)."""
         originals = [Example(p.sample, p.ids, p.classes, list(p.in_text), resp)
                      for p, resp in best_responses(batch)]
-        det = detect(originals, self.teacher, self.learner, self.tok, self.lf.quantile,
+        det = detect(originals, self.teacher, tools.learner, tools.tok, self.lf.quantile,
                      self.lf.cap, self.lf.chunk)
         pruned: list[Example | None] = []
         for i, ex in enumerate(originals):
@@ -78,21 +135,28 @@ class OnlineLeaf:
             metrics.update({k: q[k] for k in ("precision", "recall", "f1")})
         return originals, pruned, det, metrics
 
-    def kd_rows(self, pruned: list[Example]) -> dict[str, torch.Tensor]:
+    def kd_rows(self, pruned: list[Example], tok) -> dict[str, torch.Tensor]:
         """(b): pruned prompt ⊕ response tensors with the teacher's targets (top-k from its
         actors; a colocated teacher scores inside the learner instead)."""
-        t = batch_tensors(pruned, self.tok.pad_token_id)
+        t = batch_tensors(pruned, tok.pad_token_id)
         kd = {k: t[k] for k in KD_KEYS}
         if self.topk is not None:
             kd["teacher_ids"], kd["teacher_logprobs"] = self.teacher.topk_logprobs(kd, self.topk)
         return kd
 
-    @staticmethod
-    def groups_to_roll(originals: list[Example], pruned: list[Example | None], g: int) -> list[EncodedPrompt]:
-        """(c): G prompts for extra groups — pruned copies in prompt order, cycled when fewer
-        than G exist, original prompts when none does (the batch shape stays fixed)."""
-        pool = [p for p in pruned if p is not None] or originals
-        chosen = [pool[i % len(pool)] for i in range(g)]
-        return [EncodedPrompt(replace(e.sample, uid=e.sample.uid + ("/pruned" if e.removed else "")),
-                              e.input_ids, e.input_classes, e.region) for e in chosen]
+    def draw(self, tracker, tok, batch: RolloutBatch, rows: int, step: int) -> None:
+        """The step's prompts coloured by Δ, confounders and labelled distractors marked."""
+        if self.last is None:
+            return
+        originals, det = self.last
+        labels = distractor_labels(originals, det.confounders.shape[1])
+        log_leaf_table(tracker, records(tok, originals, det, labels, rows), step)
 
+
+def groups_to_roll(originals: list[Example], pruned: list[Example | None], g: int) -> list[EncodedPrompt]:
+    """(c): G prompts for extra groups — pruned copies in prompt order, cycled when fewer
+    than G exist, original prompts when none does (the batch shape stays fixed)."""
+    pool = [p for p in pruned if p is not None] or originals
+    chosen = [pool[i % len(pool)] for i in range(g)]
+    return [EncodedPrompt(replace(e.sample, uid=e.sample.uid + ("/pruned" if e.removed else "")),
+                          e.input_ids, e.input_classes, e.region) for e in chosen]

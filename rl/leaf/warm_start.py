@@ -24,9 +24,11 @@ from tqdm import tqdm
 
 from rewards import RewardPool
 from rl.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at
+from rl.algorithms.losses import DistillLoss
 from rl.data import train_samples_at
 from rl.leaf.confounders import precision_recall_f1
-from rl.leaf.detect import detect, greedy_correct, prune_detected, records
+from rl.leaf.detect import detect, greedy_correct, log_leaf_table, prune_detected, records
+from rl.methods.base import Method
 from rl.prompt_format import prompt_format
 from rl.leaf.examples import (Example, batch_tensors, distractor_labels, instruction_example,
                               response_example)
@@ -197,7 +199,32 @@ def distil(cfg, task, tok, learner, teacher, pruned: list[Example], report: dict
         if topk is not None:
             tensors["teacher_ids"], tensors["teacher_logprobs"] = teacher.topk_logprobs(tensors, topk)
         learner.set_lr(lr_at(step, d.steps, d.lr, d.warmup_steps))
-        metrics = learner.train_minibatch(tensors, "distill", None, "token_mean")
+        metrics = learner.train_minibatch(tensors, DistillLoss())
         losses.append(metrics["kd_kl"])
         bar.set_postfix(kl=f"{metrics['kd_kl']:.4f}")
     report.update(distill_steps=d.steps, kd_kl_first=losses[0], kd_kl_last=losses[-1])
+
+
+def from_config(cfg) -> "OfflineDistill | None":
+    return OfflineDistill(cfg) if cfg.distill.name != "none" else None
+
+
+class OfflineDistill(Method):
+    """distill=kd|leaf|leaf_response as a stage between the cold start and RL; at the first
+    evaluation it draws the prompts its detection saw."""
+
+    name = "distill"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.report: dict | None = None
+
+    def before_rl(self, policy: str, progress: bool) -> str:
+        student = run_distill(self.cfg, Path(self.cfg.cache_dir), policy, progress)
+        self.report = read_report(student)
+        return student
+
+    def draw_eval(self, tracker, evals: dict, step: int) -> None:
+        if step == 0 and self.report:
+            log_leaf_table(tracker, [r for level in ("instruction", "response")
+                                     for r in self.report.get(f"{level}_detections", [])], 0)

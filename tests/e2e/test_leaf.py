@@ -146,7 +146,7 @@ def test_leaf_warm_start_validation_filter_then_rl_from_its_checkpoint(tmp_path,
     # detection's prompts reach W&B as the `leaf_confounders` table
     # ... with LeaF's RL terms on: (b) KD rows in the update, (c) 2 extra groups of pruned
     # prompts (2 + 2 groups × 4 samples = 16 rows, 2 minibatches of 8)
-    cfg = leaf_cfg(tmp_path, cache, ["logger=wandb", "leaf.kl_coef=0.1",
+    cfg = leaf_cfg(tmp_path, cache, ["logger=wandb", "leaf=rl", "leaf.kd_coef=0.1",
                                      "leaf.counterfactual_groups=2"])
     trainer = Trainer(cfg)
     try:

@@ -94,9 +94,9 @@ class Recorder:
         self.batches, self.calls = [], []
         update, train_minibatch = trainer.update, trainer.learner.train_minibatch
 
-        def recording_update(batch, step, kd=None):
+        def recording_update(batch, step, extra_rows):
             self.batches.append(batch)
-            return update(batch, step, kd)
+            return update(batch, step, extra_rows)
 
         def recording_train_minibatch(tensors, *args, **kwargs):
             policy = export_root / f"before_{len(self.calls)}"

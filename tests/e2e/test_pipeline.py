@@ -75,25 +75,23 @@ def metrics(out: Path) -> dict[int, dict]:
 
 
 def record_vars_shaping(monkeypatch) -> list:
-    """Patch AVAR's VARS stage to record, per step, (rewards before, after, correct, AVAR's
-    layers, token classes). A short cold start rarely solves a problem; so that the
+    """Patch AVAR's VARS hook to record, per step, (rewards before, after, correct, the layers
+    of its masses, token classes). A short cold start rarely solves a problem; so that the
     correctness gate is exercised both ways, every other response counts as correct here (the
     verifier is not under test)."""
-    from rl.avar.visual_attention import VisualAttention
+    from rl.avar.visual_attention import Avar
 
-    shaped, shape = [], VisualAttention.shape_rewards
+    shaped, shape = [], Avar.shape_rewards
 
-    def recording_shape(self, batch, mass):
-        for i, x in enumerate(batch.meta):
-            x["correct"] = float(x["correct"] or i % 2 == 0)
+    def recording_shape(self, batch, step):
+        batch.correct = torch.maximum(batch.correct, (torch.arange(len(batch)) % 2 == 0).float())
         before = batch.rewards.clone()
-        m = shape(self, batch, mass)
-        shaped.append((before, batch.rewards.clone(),
-                       torch.tensor([bool(x["correct"]) for x in batch.meta]), sorted(mass),
-                       batch.token_classes.clone()))
+        m = shape(self, batch, step)
+        shaped.append((before, batch.rewards.clone(), batch.correct.bool(),
+                       sorted(self.masses(batch.attn_stats)), batch.token_classes.clone()))
         return m
 
-    monkeypatch.setattr(VisualAttention, "shape_rewards", recording_shape)
+    monkeypatch.setattr(Avar, "shape_rewards", recording_shape)
     return shaped
 
 
@@ -271,10 +269,10 @@ def test_run_survives_a_killed_engine_and_a_killed_learner_rank(
         batches[step + 1], staleness = rollout(self, step)
         return batches[step + 1], staleness
 
-    def update_with_rank_kill(self, batch, step, kd=None):
+    def update_with_rank_kill(self, batch, step, extra_rows):
         if step == 2 and self.failures == 0:
             stop_then_kill(self.learner.where()[0]["pid"])
-        return update(self, batch, step, kd)
+        return update(self, batch, step, extra_rows)
 
     caplog.set_level(logging.WARNING)
     with monkeypatch.context() as mp:
@@ -318,25 +316,26 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
     from rl.credit.preplan_anchor import PreplanAnchorCredit
 
     seen = {}  # step → (local heads chosen by the method, local heads by the definition)
-    call = PreplanAnchorCredit.__call__
+    weights = PreplanAnchorCredit.weights
 
-    def recording_call(self, batch, step):
-        metrics = call(self, batch, step)
-        assert sorted(batch.attn_stats) == [1, 2]  # credit's layers only, not AVAR's
+    def recording_weights(self, batch, stats, step):
+        metrics = weights(self, batch, stats, step)
+        assert sorted(stats) == [1, 2]  # credit's layers only, not AVAR's
+        assert sorted(batch.attn_stats) == [0, 1, 2, 3]  # the scoring forward's: every reader's
         seen[step + 1] = (set(self.trace.local_heads),
-                          local_heads_by_definition(batch.attn_stats, batch.response_mask, self.p.head_quantile))
+                          local_heads_by_definition(stats, batch.response_mask, self.p.head_quantile))
         return metrics
 
     shaped = record_vars_shaping(monkeypatch)
-    monkeypatch.setattr(PreplanAnchorCredit, "__call__", recording_call)
+    monkeypatch.setattr(PreplanAnchorCredit, "weights", recording_weights)
     out = tmp_path_factory.mktemp("run_coupled")
     cfg = make_cfg(out, cache_dir, dataset, ["steps=2", "credit=coupled", "logger=wandb",
                                              "learner.num_ranks=2",
                                              "credit.params.fai_band=[2,100]",
-                                             "avar.vars_coef=0.3"])
+                                             "avar=vars"])
 
     def inspect(t):
-        tr = t.credit.trace
+        tr = next(m for m in t.methods if m.name == "credit").trace
         return tr.gamma.clone(), tr.sets.anchor.clone()
 
     summary, (gamma, anchor) = run(cfg, inspect)

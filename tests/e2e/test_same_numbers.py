@@ -42,10 +42,11 @@ TEACHER = ["teacher.train.steps=12", "teacher.train.batch_size=8", "teacher.trai
 PRESETS = {
     "default": [],
     "coupled": ["credit=coupled", "credit.params.fai_band=[2,100]"],
-    "leaf_arith_rl": ["experiment=leaf_arith", "leaf.kl_coef=0.1", "leaf.counterfactual_groups=1",
+    "leaf_arith_rl": ["experiment=leaf_arith", "leaf=rl", "leaf.kd_coef=0.1",
+                      "leaf.counterfactual_groups=1",
                       *TEACHER],
     "avar_arith": ["experiment=avar_arith"],
-    "avar_image": ["experiment=avar_image", "cold_start.objective=agto"],
+    "avar_image": ["experiment=avar_image", "avar=agto_vars"],
     "async": ["rollout.async_steps=1", "algorithm.tis_cap=2.0"],
 }
 

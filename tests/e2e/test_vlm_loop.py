@@ -24,20 +24,20 @@ def test_vlm_loop_with_agto_vars_and_coupled_credit(ray_session, tmp_path, monke
 
     shaped = record_vars_shaping(monkeypatch)  # per step: rewards before/after, correct, layers, classes
     gammas = []
-    call = PreplanAnchorCredit.__call__
+    weights = PreplanAnchorCredit.weights
 
-    def recording_call(self, batch, step):
-        out = call(self, batch, step)
+    def recording_weights(self, batch, stats, step):
+        out = weights(self, batch, stats, step)
         gammas.append(self.trace.gamma[batch.response_mask].clone())
         return out
 
-    monkeypatch.setattr(PreplanAnchorCredit, "__call__", recording_call)
+    monkeypatch.setattr(PreplanAnchorCredit, "weights", recording_weights)
     overrides = [
         f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
         "model=tiny_vl", "task=image_arith", "task.eval_size=4",
         "steps=2", "eval_every=2", "save_every=10", "logger=none", "logger.progress=false",
         "cold_start.steps=12", "cold_start.batch_size=8", "cold_start.warmup_steps=2",
-        "cold_start.objective=agto", "avar.evidence=image", "avar.vars_coef=0.3",
+        "avar=agto_vars", "avar.evidence=image",
         "credit=coupled", "credit.params.fai_band=[2,100]",
         "algorithm.prompts_per_step=2", "algorithm.n_samples=4", "algorithm.minibatch_size=4",
         "rollout.max_new_tokens=24", "learner.num_ranks=2",

@@ -9,6 +9,8 @@ from rl.algorithms.losses import PolicyLossConfig
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup
 from rl.tiny_model import build_char_tokenizer
+from rl.algorithms.losses import PolicyLoss
+from rl.algorithms.losses import SftLoss
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_a_rank_packs_rows_and_scores_like_the_stock_padded_forward(learner, tin
 
 def test_deepspeed_steps_lower_the_loss(learner):
     b = sft_batch()
-    losses = [learner.train_minibatch(b, "sft", None, "token_mean")["loss"] for _ in range(6)]
+    losses = [learner.train_minibatch(b, SftLoss())["loss"] for _ in range(6)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.5
 
@@ -83,7 +85,7 @@ def test_nan_loss_skips_the_step_and_weights_stay(learner, poisoned_row):
     digest = learner.optimizer_state_digest()
     assert digest > 0  # earlier tests stepped: Adam has moments a bad skip would change
     batch = policy_batch(b, before, poisoned_row)
-    m = learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
+    m = learner.train_minibatch(batch, PolicyLoss(PolicyLossConfig()))
     assert m == {"skipped": 1.0, "loss": pytest.approx(float("nan"), nan_ok=True)}
     after = learner.score(score_in, 1.0)["logprobs"]
     assert torch.equal(before, after)
@@ -91,7 +93,7 @@ def test_nan_loss_skips_the_step_and_weights_stay(learner, poisoned_row):
     assert learner.optimizer_state_digest() == digest
     # and the learner still trains afterwards
     batch["advantages"] = torch.ones_like(before)
-    m = learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
+    m = learner.train_minibatch(batch, PolicyLoss(PolicyLossConfig()))
     assert m["skipped"] == 0.0 and math.isfinite(m["loss"])
     moved = learner.score(score_in, 1.0)["logprobs"]
     resp = b["response_mask"]
@@ -99,7 +101,7 @@ def test_nan_loss_skips_the_step_and_weights_stay(learner, poisoned_row):
     assert moved[resp].sum() > after[resp].sum()
     batch["advantages"] = -torch.ones_like(before)
     batch["old_logprobs"] = batch["sampler_logprobs"] = moved
-    learner.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")
+    learner.train_minibatch(batch, PolicyLoss(PolicyLossConfig()))
     assert learner.score(score_in, 1.0)["logprobs"][resp].sum() < moved[resp].sum()
 
 
@@ -112,15 +114,14 @@ def test_a_skipped_minibatch_leaves_no_trace(learner, tmp_path):
     start = learner.score(score_in, 1.0)["logprobs"]
     clean = policy_batch(b, start)
     learner.save(str(tmp_path / "ckpt"))
-    assert learner.train_minibatch(clean, "policy", PolicyLossConfig(), "token_mean")["skipped"] == 0.0
+    assert learner.train_minibatch(clean, PolicyLoss(PolicyLossConfig()))["skipped"] == 0.0
     want = learner.score(score_in, 1.0)["logprobs"]
     assert not torch.equal(want, start)
     learner.load(str(tmp_path / "ckpt"))
     assert torch.equal(learner.score(score_in, 1.0)["logprobs"], start)
-    m = learner.train_minibatch(policy_batch(b, start, poisoned_row=3), "policy", PolicyLossConfig(),
-                                "token_mean")
+    m = learner.train_minibatch(policy_batch(b, start, poisoned_row=3), PolicyLoss(PolicyLossConfig()))
     assert m["skipped"] == 1.0
-    assert learner.train_minibatch(clean, "policy", PolicyLossConfig(), "token_mean")["skipped"] == 0.0
+    assert learner.train_minibatch(clean, PolicyLoss(PolicyLossConfig()))["skipped"] == 0.0
     assert torch.equal(learner.score(score_in, 1.0)["logprobs"], want)
 
 
@@ -148,19 +149,18 @@ def test_nan_on_one_rank_skips_on_every_rank(learner2, poisoned_row):
     score_in = {k: b[k] for k in ("input_ids", "attention_mask")}
     resp = b["response_mask"]
     warm = learner2.score(score_in, 1.0)["logprobs"]
-    m = learner2.train_minibatch(policy_batch(b, warm), "policy", PolicyLossConfig(), "token_mean")
+    m = learner2.train_minibatch(policy_batch(b, warm), PolicyLoss(PolicyLossConfig()))
     assert m["skipped"] == 0.0  # a clean step first, so Adam has moments to protect
     before = scores_per_rank(learner2, score_in)
     assert torch.equal(before[0], before[1])  # the ranks hold the same weights
     digest = learner2.optimizer_state_digest()
-    m = learner2.train_minibatch(policy_batch(b, before[0], poisoned_row), "policy",
-                                 PolicyLossConfig(), "token_mean")
+    m = learner2.train_minibatch(policy_batch(b, before[0], poisoned_row), PolicyLoss(PolicyLossConfig()))
     assert m["skipped"] == 1.0 and math.isnan(m["loss"])  # mean over ranks: both skipped
     after = scores_per_rank(learner2, score_in)
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
     assert learner2.optimizer_state_digest() == digest
     # both ranks still train, together
-    m = learner2.train_minibatch(policy_batch(b, after[0]), "policy", PolicyLossConfig(), "token_mean")
+    m = learner2.train_minibatch(policy_batch(b, after[0]), PolicyLoss(PolicyLossConfig()))
     assert m["skipped"] == 0.0 and math.isfinite(m["loss"])
     moved = scores_per_rank(learner2, score_in)
     assert torch.equal(moved[0], moved[1])
@@ -187,7 +187,7 @@ def test_compiled_learner_matches_eager(ray_session, tiny_model_dir, tmp_path):
             lp = start = lg.score(score_in, 1.0)["logprobs"]
             for sign in (1.0, -1.0, 1.0):
                 batch = {**policy_batch(b, lp), "advantages": sign * torch.ones_like(lp)}
-                assert lg.train_minibatch(batch, "policy", PolicyLossConfig(), "token_mean")["skipped"] == 0.0
+                assert lg.train_minibatch(batch, PolicyLoss(PolicyLossConfig()))["skipped"] == 0.0
                 lp = lg.score(score_in, 1.0)["logprobs"]
             runs[compiled] = (start, lp)
             if compiled:

@@ -7,6 +7,7 @@ import torch
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup
 from tests.integration.test_learner import sft_batch
+from rl.algorithms.losses import SftLoss
 
 STATS = {"entropy": True, "distance": True, "waad_window": 4, "fai_band": [2, 8]}
 
@@ -77,5 +78,5 @@ def test_fused_learner_matches_stock_and_eager_maps(learners, tiny_model_dir):
 def test_training_runs_through_the_kernels(learners):
     fused, _ = learners
     b = sft_batch()
-    losses = [fused.train_minibatch(b, "sft", None, "token_mean")["loss"] for _ in range(4)]
+    losses = [fused.train_minibatch(b, SftLoss())["loss"] for _ in range(4)]
     assert losses[-1] < losses[0] - 0.3

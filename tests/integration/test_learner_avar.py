@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from rl.avar.scores import EVIDENCE, SYSTEM, AgtoConfig
-from rl.cold_start import agto_inputs
+from rl.avar.agto import agto_inputs
 from rl.data import collate_sft, encode_prompt
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup
 from rl.tasks import get_task
 from rl.tiny_model import build_char_tokenizer
+from rl.avar.agto import AgtoLoss
+from rl.algorithms.losses import SftLoss
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_agto_loss_on_two_zero3_ranks_equals_the_eager_formula(group, tiny_model
     agto = AgtoConfig(alpha=0.15, beta=0.15, layers="all", eps=1e-6)
     b.update(agto_inputs(b, agto))
     kc, q = b["key_classes"], b["query_mask"]
-    out = group.train_minibatch(b, "sft", agto, "token_mean")
+    out = group.train_minibatch(b, AgtoLoss(agto))
 
     logits, maps = eager_attentions(tiny_model_dir, b)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
@@ -70,8 +72,7 @@ def test_agto_loss_on_two_zero3_ranks_equals_the_eager_formula(group, tiny_model
     assert out["loss"] == pytest.approx(float(lm) + 0.15 * l_img + 0.15 * l_sys, rel=1e-5)
     # the attention terms are really in the loss: without them it is the LM loss alone
     plain = group.train_minibatch({k: v for k, v in b.items() if k in
-                                   ("input_ids", "attention_mask", "response_mask")},
-                                  "sft", None, "token_mean")
+                                   ("input_ids", "attention_mask", "response_mask")}, SftLoss())
     assert plain["loss"] == pytest.approx(float(lm), rel=1e-5)
     assert abs(l_img) + abs(l_sys) > 0.1
 

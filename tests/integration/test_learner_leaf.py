@@ -15,6 +15,9 @@ from rl.learner_group import LearnerGroup
 from rl.tasks import get_task
 from rl.teacher import TeacherGroup
 from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
+from rl.algorithms.losses import DistillTerm
+from rl.algorithms.losses import DistillLoss
+from rl.algorithms.losses import PolicyLoss
 
 KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -54,12 +57,12 @@ def test_sensitivities_on_two_zero3_ranks_equal_the_model_in_process(group, tiny
 
 def test_kd_loss_colocated_equals_teacher_actor_top_v(group, teacher_dir):
     b = rows(4)
-    colocated = group.train_minibatch(b, "distill", None, "token_mean")
+    colocated = group.train_minibatch(b, DistillLoss())
     actor = TeacherGroup(teacher_dir, _tcfg(), "float32", len(build_char_tokenizer()))
     try:
         ids, lps = actor.topk_logprobs(b, k=len(build_char_tokenizer()))
         via_actor = group.train_minibatch({**b, "teacher_ids": ids, "teacher_logprobs": lps},
-                                          "distill", None, "token_mean")
+                                          DistillLoss())
         # the actor's rows come back in order even when split over 2 actors
         two = TeacherGroup(teacher_dir, _tcfg(num_actors=2), "float32", len(build_char_tokenizer()))
         ids2, lps2 = two.topk_logprobs(b, k=len(build_char_tokenizer()))
@@ -83,8 +86,9 @@ def test_kd_rows_inside_a_policy_step_add_kd_coef_times_their_loss(group, tiny_m
     lp = group.score(b, 1.0)["logprobs"]
     pol = {**b, "old_logprobs": lp, "advantages": torch.ones_like(lp), "sampler_logprobs": lp}
     kd = rows(3, offset=10)
-    alone = group.train_minibatch(pol, "policy", PolicyLossConfig(), "token_mean")
-    joint = group.train_minibatch(pol, "policy", PolicyLossConfig(kd_coef=0.5), "token_mean", kd=kd)
+    alone = group.train_minibatch(pol, PolicyLoss(PolicyLossConfig()))
+    joint = group.train_minibatch(pol, PolicyLoss(PolicyLossConfig(), (DistillTerm("kd", 0.5),)),
+                                  extra={"kd": kd})
     kl = forward_kl(FrozenModel(tiny_model_dir).full_logprobs(kd),
                     FrozenModel(teacher_dir).full_logprobs(kd))
     kd_loss = float(kl[kd["response_mask"]].mean())

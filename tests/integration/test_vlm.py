@@ -17,6 +17,7 @@ from rl.learner_group import LearnerGroup
 from rl.tasks import get_task
 from rl.vision import image_processor_for
 from rollout.vllm_engine import EngineConfig, VLLMEngine, image_placeholder_ids
+from rl.algorithms.losses import SftLoss
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_engine_samples_with_images_and_follows_the_learner_after_sync(parts, ti
                               for p in prompts], tok.pad_token_id)
     b.pop("token_classes")
     for _ in range(3):
-        m = group.train_minibatch(b, "sft", None, "token_mean")
+        m = group.train_minibatch(b, SftLoss())
     assert m["skipped"] == 0 and m["grad_norm"] > 0
     group.export_hf(str(tmp_path / "hf"))
     old, new = (dict(load_model(d, "float32").named_parameters()) for d in (tiny_vl_dir, tmp_path / "hf"))

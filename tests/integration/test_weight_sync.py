@@ -8,6 +8,7 @@ from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.learner_group import LearnerGroup
 from rl.tiny_model import build_char_tokenizer
 from rollout.vllm_engine import EngineConfig, VLLMEngine
+from rl.algorithms.losses import SftLoss
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_sync_makes_vllm_match_the_learner(engine_and_learner):
     mask[:, 13:] = True
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(mask), "response_mask": mask}
     for _ in range(3):
-        learner.train_minibatch(batch, "sft", None, "token_mean")
+        learner.train_minibatch(batch, SftLoss())
     learner_after = learner_logprobs(learner, seq)
     assert (learner_after - learner_before).abs().max() > 0.1  # the update moved the policy
 
@@ -79,7 +80,7 @@ def test_tied_embeddings_stay_in_sync(ray_session, tmp_path):
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(mask), "response_mask": mask}
         start = learner_logprobs(learner, seq)
         for version in range(1, 7):
-            learner.train_minibatch(batch, "sft", None, "token_mean")
+            learner.train_minibatch(batch, SftLoss())
             learner.sync_weights([engine], version)
             ours = learner_logprobs(learner, seq)
             theirs = torch.tensor(ray.get(engine.score.remote([seq]))[0])

@@ -104,20 +104,24 @@ def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch, tmp_path):
                               f"output_dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]))
 
 
-@pytest.mark.parametrize("name", ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled"])
+@pytest.mark.parametrize("name", ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled",
+                                  "attention_entropy"])
 def test_every_credit_file_builds_and_picks_the_attention(name):
     from rl.config_checks import build_credit, learner_attention
 
     cfg = load([f"credit={name}"])
     check_config(cfg)
-    assert build_credit(cfg).name == name
-    reads_attention = name in ("local_chunk", "global_anchor", "coupled")
+    assert build_credit(cfg).strategy == name
+    reads_attention = name in ("local_chunk", "global_anchor", "coupled", "attention_entropy")
     assert learner_attention(cfg) == ("kernels" if reads_attention else "sdpa")
 
 
 def test_credit_param_typo_and_sdpa_conflict_are_named():
     with pytest.raises(ValueError, match="credit.params.gama_amp"):
         check_config(load(["credit=coupled", "+credit.params.gama_amp=2"]))
+    # a key of coupled that global_anchor does not read
+    with pytest.raises(ValueError, match="credit.params.alpha: unknown for credit=global_anchor"):
+        check_config(load(["credit=global_anchor", "+credit.params.alpha=0.3"]))
     with pytest.raises(ValueError, match="learner.attention"):
         check_config(load(["credit=coupled", "learner.attention=sdpa"]))
 
@@ -130,6 +134,10 @@ def test_credit_param_typo_and_sdpa_conflict_are_named():
     (["distill=leaf", "teacher=tiny", "leaf.pruning=all"], "leaf.pruning"),
     (["distill=leaf", "teacher=tiny", "distill.mix=2"], "distill.mix"),
     (["teacher=tiny", "teacher.placement=gpu"], "teacher.placement"),
+    (["leaf=rl", "teacher=none"], "leaf=rl needs a teacher"),
+    (["leaf=rl", "leaf.kd_coef=0", "leaf.counterfactual_groups=0"], "does nothing"),
+    (["leaf=rl", "algorithm.prompts_per_step=8"],
+     r"must divide \(prompts_per_step \+ leaf.counterfactual_groups with leaf=rl\) \* n_samples=192"),
 ])
 def test_leaf_settings_fail_before_any_actor(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -139,22 +147,49 @@ def test_leaf_settings_fail_before_any_actor(overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (["avar.vars_norm=softmax"], "avar.vars_norm"),
     (["avar.evidence=audio"], "avar.evidence"),
-    (["avar.vas=sometimes"], "avar.vas"),
-    (["cold_start.objective=rl"], "cold_start.objective"),
-    (["avar.vars_coef=-1"], "avar.vars_coef"),
+    (["avar=vars", "avar.vars_coef=-1"], "avar.vars_coef"),
     (["avar.layers=top:3"], "layers must be"),
-    (["avar.vars_coef=0.3", "learner.attention=sdpa"], "learner.attention must be kernels"),
-    (["avar.vars_coef=0.3", "avar.evidence=image"], "needs a vision-language model"),
-    (["cold_start.objective=agto", "learner.attention=sdpa"], "learner.attention must be kernels"),
+    (["avar=vars", "learner.attention=sdpa"], "learner.attention must be kernels"),
+    (["avar=vars", "avar.evidence=image"], "needs a vision-language model"),
+    (["avar=agto", "learner.attention=sdpa"], "learner.attention must be kernels"),
 ])
 def test_avar_settings_fail_before_any_actor(overrides, message):
     with pytest.raises(ValueError, match=message):
         check_config(load(overrides))
 
 
+def test_a_method_is_switched_on_by_its_group():
+    """leaf=rl alone is a valid run (it brings the tiny teacher; teacher=... still wins);
+    avar=<part> alone turns the kernels on."""
+    from rl.methods import build_methods
+
+    cfg = load(["leaf=rl"])
+    check_config(cfg)
+    assert cfg.teacher.name == "tiny" and load(["leaf=rl", "teacher=hf"]).teacher.name == "hf"
+    assert [m.name for m in build_methods(cfg)] == ["leaf", "credit"]
+    for part, on in (("vas", (False, False)), ("vars", (True, False)), ("agto", (False, True)),
+                     ("agto_vars", (True, True))):
+        (avar, _) = build_methods(load([f"avar={part}"]))
+        assert (avar.vars_on, avar.agto is not None) == on and avar.vas_on, part
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # old spellings fail naming the new ones
+    (["cold_start.objective=agto"], "cold_start.objective='agto' was moved: .*avar=agto"),
+    (["avar.vas=always"], "avar.vas='always' was moved: .*avar=vas"),
+    (["leaf.kl_coef=0.1"], "leaf.kl_coef=0.1 was moved: .*leaf=rl leaf.kd_coef"),
+    (["learner.attn_impl=triton"], "learner.attn_impl='triton' was moved: .*learner.attention"),
+    (["learner.plain_attention=kernels"], "was moved: learner.attention=kernels_everywhere"),
+])
+def test_moved_keys_name_their_new_spelling(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(load(overrides))
+
+
 @pytest.mark.parametrize("overrides, attention", [
-    ([], "sdpa"), (["avar.vars_coef=0.3"], "kernels"), (["cold_start.objective=agto"], "kernels"),
-    (["avar.vas=always"], "kernels"), (["avar.vas=auto"], "sdpa"),
+    ([], "sdpa"), (["avar=vars"], "kernels"), (["avar=agto"], "kernels"),
+    (["avar=vas"], "kernels"), (["avar=none"], "sdpa"),
+    (["learner.attention=kernels_everywhere"], "kernels_everywhere"),
 ])
 def test_avar_picks_the_kernels_when_it_reads_attention(overrides, attention):
     from rl.config_checks import learner_attention

@@ -1,4 +1,4 @@
-"""One scoring forward for every reader of attention statistics (rl/scoring_plan.py)."""
+"""One scoring forward for every reader of attention statistics (rl/methods/__init__.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from rl.config import register_configs
-from rl.config_checks import build_credit
-from rl.scoring_plan import StatsPlan, merge_requests
+from rl.methods import build_methods, merge_requests, scoring_request
+from rl.methods.base import RunInfo, own_layers
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -32,16 +32,18 @@ def test_merge_unions_layers_and_statistics_and_refuses_conflicts():
 @pytest.mark.parametrize("overrides, request_, credit_layers, avar_layers", [
     ((), None, [], None),                                           # plain GRPO: no statistics
     (("credit=coupled",), "credit", [4, 6, 8], None),               # middle:3 of 12: 4..8, 3 spaced
-    (("avar.vars_coef=0.3",), "avar", [], list(range(12))),
-    (("avar.vas=always",), None, [], list(range(12))),              # VAS at eval only
-    (("credit=coupled", "avar.vars_coef=0.3", "avar.layers=middle:2"), "both", [4, 6, 8], [4, 8]),
+    (("avar=vars",), "avar", [], list(range(12))),
+    (("avar=vas",), None, [], list(range(12))),                     # VAS at eval only
+    (("credit=coupled", "avar=vars", "avar.layers=middle:2"), "both", [4, 6, 8], [4, 8]),
 ])
 def test_plan_per_reader(overrides, request_, credit_layers, avar_layers):
     c = cfg("learner.stats_layers=middle:3", *overrides)
-    plan = StatsPlan(c, build_credit(c), 12)
-    assert plan.credit_layers == credit_layers
-    assert (plan.avar.layers if plan.avar else None) == avar_layers
-    req = plan.train_request
+    methods = {m.name: m for m in build_methods(c)}
+    for m in methods.values():
+        m.setup(RunInfo(num_layers=12, steps=10, seed=0))
+    assert methods["credit"].layers == credit_layers
+    assert (methods["vars"].layers if "vars" in methods else None) == avar_layers
+    req = scoring_request(list(methods.values()))
     if request_ is None:
         assert req is None
     else:
@@ -49,5 +51,5 @@ def test_plan_per_reader(overrides, request_, credit_layers, avar_layers):
         assert ("n_classes" in req) == (request_ in ("avar", "both"))
         assert ("waad_window" in req) == (request_ in ("credit", "both"))
     stats = {i: {"mass": i} for i in range(12)}
-    view = plan.credit_view(stats)
+    view = own_layers(stats, methods["credit"].layers)
     assert (sorted(view) if view else []) == credit_layers

@@ -1,0 +1,53 @@
+"""AVAR's AGTO cold start (§3.3.2) as a loss the engine runs: L_LM + α·L_img + β·L_sys.
+
+The attention masses on the evidence and system keys are taken *with gradient* from the
+kernels' class-mass pass (one indicator-valued attention call per layer; no eager N×N map).
+The per-row terms are weighted by `agto_row_weight` (1 / rows of the whole minibatch), so
+micro-batches and ranks add up to the minibatch mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kernels import StatsSpec
+from rl.algorithms.losses import sft_loss, token_count
+import torch
+
+from rl.avar.scores import (N_CLASSES, AgtoConfig, agto_loss, check_classes, key_classes,
+                            user_query_mask)
+from rl.engine.base import Loss, LossOut
+from rl.engine.frozen import token_logprobs
+
+
+@dataclass
+class AgtoLoss(Loss):
+    cfg: AgtoConfig
+    normaliser: float = 1.0
+
+    def bind(self, rows, extra) -> "AgtoLoss":
+        return replace(self, normaliser=token_count(rows))
+
+    def __call__(self, model, b, temperature) -> LossOut:
+        agto = self.cfg
+        cap = model.attention(agto.layers, StatsSpec(n_classes=N_CLASSES), grad_mass=True)
+        with cap(key_classes=b["key_classes"]) as captured:
+            lp, _ = token_logprobs(model.logits(b)[0], b["input_ids"], temperature, False)
+        lm = sft_loss(lp, b["response_mask"], self.normaliser)
+        l_img, l_sys = agto_loss(captured.grad_mass, b["query_mask"], b["key_classes"], agto.eps)
+        w = b["agto_row_weight"].to(l_img.dtype)
+        value = lm + agto.alpha * (w * l_img).sum() + agto.beta * (w * l_sys).sum()
+        metrics = {"lm_nll": float(-(lp * b["response_mask"]).sum() / b["response_mask"].sum()),
+                   "agto_img": float(l_img.mean()), "agto_sys": float(l_sys.mean())}
+        n = float(b["response_mask"].sum())
+        return LossOut(value, metrics, {k: n for k in metrics})
+
+
+def agto_inputs(batch: dict, agto: AgtoConfig) -> dict:
+    """What AGTO reads besides the tokens: AVAR key classes, the user-turn queries Q, and a
+    per-row weight that makes the terms a mean over the whole minibatch."""
+    tc = batch.pop("token_classes")
+    kc = key_classes(tc, agto.evidence)
+    check_classes(kc, "avar=agto")
+    return {"key_classes": kc,
+            "query_mask": user_query_mask(tc, batch["attention_mask"], batch["response_mask"]),
+            "agto_row_weight": torch.full((len(tc),), 1.0 / len(tc))}
