@@ -117,37 +117,45 @@ def image_inputs(model, ids, images, rows: int) -> dict:
     return {"input_ids": ids, **{k: v.to(model.device) for k, v in image_kwargs(model, b).items()}}
 
 
-def score_with_stats(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
-                     layers: str, spec, impl: str, token_classes=None, images=None,
-                     evidence: str = "evidence"):
-    """One forward over prompt ⊕ response rows (right-padded) under AttentionCapture, as the
-    learner's scoring forward: ({layer: {name: [B, H, T]}}, response mask [B, T]). With
-    `token_classes` ([B, T] task classes of the rows), also AVAR's key-class masses (`evidence`:
-    the class set against the system prompt); `images`: the prompt's ImageInputs."""
+def score_batch(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
+                token_classes=None, images=None):
+    """prompt ⊕ response rows (right-padded) as the trainer's RolloutBatch: tokens, masks, the
+    task's token classes (for AVAR), the prompt's image once per row."""
     import torch
 
-    from kernels import AttentionCapture
+    from rl.batch import RolloutBatch
     from rl.data import pad_rows
 
     rows = [prompt_ids + r for r in responses]
     ids = pad_rows(rows, pad_id, torch.long)
-    am = pad_rows([[1] * len(r) for r in rows], 0, torch.long)
-    resp = pad_rows([[0] * len(prompt_ids) + [1] * len(r) for r in responses], 0, torch.bool)
-    dev = model.device
-    kc = None
-    if token_classes is not None:
-        from rl.avar.scores import N_CLASSES, key_classes
+    B, T = ids.shape
+    batch = RolloutBatch(
+        input_ids=ids, attention_mask=pad_rows([[1] * len(r) for r in rows], 0, torch.bool),
+        response_mask=pad_rows([[0] * len(prompt_ids) + [1] * len(r) for r in responses], 0, torch.bool),
+        sampler_logprobs=torch.zeros(B, T),
+        token_classes=token_classes if token_classes is not None else torch.zeros(B, T, dtype=torch.int8),
+        group_ids=torch.zeros(B, dtype=torch.long), rewards=torch.zeros(B),
+        token_weights=torch.ones(B, T), seq_advantages=torch.ones(B))
+    if images is not None:
+        batch.pixel_values = images.pixel_values[None].expand(B, -1, -1)
+        batch.image_grid_thw = images.image_grid_thw[None].expand(B, -1, -1)
+    return batch
 
-        spec = spec.replace(n_classes=N_CLASSES)
-        kc = key_classes(token_classes, evidence).to(dev)
-    kw = {} if images is None else image_inputs(model, ids, images, len(rows))
-    kw.pop("input_ids", None)
-    cap = AttentionCapture(model, layers=layers, spec=spec, impl=impl)
-    with torch.no_grad(), cap(response_mask=resp.to(dev), key_classes=kc) as captured:
-        model(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False, **kw)
-    if not captured:
-        raise RuntimeError(f"no attention statistics captured for layers={layers!r}")
-    return {layer: {k: v.cpu() for k, v in st.fields().items()} for layer, st in captured.items()}, resp
+
+def scoring_forward(model, batch, methods: list) -> None:
+    """The trainer's scoring forward (rl/engine/frozen.py `scored`, through a FrozenModel):
+    what the methods ask for, on the batch; fills batch.attn_stats and batch.entropy."""
+    from rl.methods import scoring_request
+
+    t = {**batch.model_inputs(), "response_mask": batch.response_mask}
+    for m in methods:
+        classes = m.key_classes(batch)
+        if classes is not None:
+            t["key_classes"] = classes
+    out = model.score(t, 1.0, scoring_request(methods))
+    if not out.get("attn_stats"):
+        raise RuntimeError("no attention statistics captured (check --layers)")
+    batch.attn_stats, batch.entropy = out["attn_stats"], out["entropy"] * batch.response_mask
 
 
 def _short(x: float) -> float:
@@ -207,10 +215,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from kernels import StatsSpec
-    from rl.credit.preplan_anchor import attention_credit
+    from rl.cold_start import num_layers
+    from rl.credit import build
     from rl.data import encode_prompt
-    from rl.engine.frozen import load_model
+    from rl.engine.frozen import FrozenModel
+    from rl.methods.base import RunInfo
     from rl.prompt_format import PromptFormat
     from rl.vision import image_processor_for
 
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except FileNotFoundError as e:
         raise SystemExit(f"launch.inspect: {e}") from None
     tok = AutoTokenizer.from_pretrained(hf)
-    model = load_model(str(hf), torch.float32).to(args.device).eval()
+    frozen = FrozenModel(str(hf), "float32", args.device)
+    model = frozen.model
     images = image_processor_for(str(hf))   # a vision-language checkpoint's; None for text
     if images is not None and args.task_sample is None:
         raise SystemExit("launch.inspect: a vision-language checkpoint reads an image with its "
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     image_in = encoded.image_inputs if encoded is not None else None
 
-    # Generate before the capture installs the statistics attention on the model.
+    # Generate before the scoring forward installs the statistics attention on the model.
     if args.response is not None:
         responses = [tok(args.response, add_special_tokens=False)["input_ids"]]
         if not responses[0]:
@@ -256,28 +266,36 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if any(not r for r in responses):
             raise SystemExit("launch.inspect: a generated response is empty (raise --max-new-tokens)")
 
-    p = run_params(hf)
-    spec = StatsSpec(distance=True, waad_window=p.waad_window, fai_band=tuple(p.fai_band))
-    layers = args.layers if not args.layers[0].isdigit() else [int(x) for x in args.layers.split(",")]
-    impl = "blockwise" if str(args.device).startswith("cpu") else "auto"
+    # The methods as the trainer builds them: the run's credit parameters, AVAR for --vas.
+    p = run_params(hf, args.strategy)
+    credit = build(args.strategy, p, stats_layers=args.layers)
+    methods = [credit]
     classes = None
+    evidence = "evidence" if images is None else "image"
     if args.vas:
+        from rl.avar.visual_attention import Avar
         from rl.batch import TOKEN_CLASS
+        from rl.config import AvarConfig
         from rl.data import pad_rows
 
         sample = task_sample(args.task_sample, args.distractors, task) if args.task_sample is not None else None
         prompt_classes = encoded.classes if encoded is not None else prompt_token_classes(tok, prompt, sample)
         classes = pad_rows([prompt_classes + [TOKEN_CLASS["response"]] * len(r) for r in responses],
                            0, torch.int8)
-    evidence = "evidence" if images is None else "image"
-    stats, resp = score_with_stats(model, prompt_ids, responses, _pad_id(tok), layers, spec, impl,
-                                   classes, image_in, evidence)
-    gamma, trace, dist = attention_credit(stats, resp, args.strategy, p)
+        # (vars_on: its masses come from this scoring forward, as VARS reads them in training)
+        methods.append(Avar(AvarConfig(name="vars", evidence=evidence, layers=args.layers),
+                            vars_on=True, vas_on=True, agto=None))
+    for m in methods:
+        m.setup(RunInfo(num_layers(str(hf)), steps=1, seed=args.seed))
+    batch = score_batch(model, prompt_ids, responses, _pad_id(tok), classes, image_in)
+    scoring_forward(frozen, batch, methods)
+    credit.token_weights(batch, 0)
+    trace, stats, resp = credit.trace, batch.attn_stats, batch.response_mask
 
     ctx = {"prompt": prompt, "answer": answer, "strategy": args.strategy, "checkpoint": hf,
            "params": {"strategy": args.strategy, "checkpoint": str(hf), "layers": args.layers,
-                        "impl": impl, **vars(p)},
-           "groups": head_group_rows(stats, trace, dist, len(responses))}
+                      "impl": "blockwise" if str(args.device).startswith("cpu") else "auto", **p},
+           "groups": head_group_rows(stats, trace, trace.head_distance, len(responses))}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     leaf = None
@@ -290,7 +308,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     avar = avar_views(stats, resp, tok, prompt_ids, responses, classes, evidence) if args.vas else None
     written = []
     for i, r_ids in enumerate(responses):
-        new = write_sample(out, i, tok, r_ids, resp[i], gamma[i], trace.sets, ctx,
+        new = write_sample(out, i, tok, r_ids, resp[i], batch.token_weights[i], trace.sets, ctx,
                            None if leaf is None else leaf[i], None if avar is None else avar[i])
         written += new
         print("\n".join(str(x) for x in new))
@@ -404,23 +422,26 @@ def leaf_views(student: Path, teacher: str, tok, prompt_ids, responses, quantile
     return views
 
 
-def run_params(hf: Path):
+def run_params(hf: Path, strategy: str) -> dict:
     """The credit parameters of the run that wrote this checkpoint (its Hydra config, when
-    the checkpoint sits in a trainer output dir and used a preplan/anchor strategy), else the
-    defaults — so the page shows the credit that run applied."""
+    the checkpoint sits in a trainer output dir), those `strategy` reads, else the defaults —
+    so the page shows the credit that run applied."""
     import dataclasses
 
     from omegaconf import OmegaConf
 
-    from rl.credit.preplan_anchor import PreplanAnchorParams
+    from rl.credit import METHODS
 
+    cls = METHODS[strategy]
+    defaults = {f.name: getattr(cls.Params(), f.name) for f in dataclasses.fields(cls.Params)}
+    params = {k: v for k, v in defaults.items() if k in cls.keys(strategy)}
     for parent in Path(hf).resolve().parents:
         cfg_file = parent / "hydra" / ".hydra" / "config.yaml"
         if cfg_file.is_file():
-            params = OmegaConf.to_container(OmegaConf.load(cfg_file).get("credit", {}).get("params", {}))
-            known = {f.name for f in dataclasses.fields(PreplanAnchorParams)}
-            return PreplanAnchorParams(**{k: v for k, v in (params or {}).items() if k in known})
-    return PreplanAnchorParams()
+            run = OmegaConf.to_container(OmegaConf.load(cfg_file).get("credit", {}).get("params", {}))
+            params.update({k: v for k, v in (run or {}).items() if k in params})
+            break
+    return params
 
 
 def head_group_rows(stats: dict, trace, dist, n_responses: int) -> dict[str, str]:

@@ -165,10 +165,13 @@ class LearnerGroup:
             merged["stats_s"] = max(o["stats_s"] for o in outs)  # ranks run side by side
         return merged
 
-    def input_grad_norms(self, tensors) -> torch.Tensor:
-        """The policy's LeaF sensitivities [B, T], in row order (every rank runs: ZeRO-3)."""
+    def probe(self, tensors, probe):
+        """A Probe on the policy (rl/engine/base.py), rows in order (every rank runs: ZeRO-3)."""
         n, shards = self._inference_shards(tensors)
-        return torch.cat(self._per_rank("input_grad_norms", shards))[:n]
+        outs = self._per_rank("probe", shards, probe)
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts)[:n] for parts in zip(*outs))
+        return torch.cat(outs)[:n]
 
     def ref_score(self, tensors, temperature: float) -> torch.Tensor:
         n, shards = self._inference_shards(tensors)

@@ -5,7 +5,8 @@
 `teacher=hf` is an HF folder. Either way it must share the student's tokenizer: LeaF compares
 gradients per prompt token and distributions per vocabulary id, both meaningless across
 tokenizers. It is frozen and served behind the scoring half of the engine boundary
-(`ScoringEngine`): log-probs, top-k next-token log-probs, input-embedding gradient norms.
+(`ScoringEngine`): log-probs, and the probes LeaF hands it (input-embedding gradient norms,
+top-k next-token log-probs).
 """
 from __future__ import annotations
 
@@ -103,11 +104,8 @@ class TeacherGroup:
     def score(self, tensors, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         return self._split("score", tensors, temperature)
 
-    def topk_logprobs(self, tensors, k: int, temperature: float = 1.0):
-        return self._split("topk_logprobs", tensors, k, temperature)
-
-    def input_grad_norms(self, tensors) -> torch.Tensor:
-        return self._split("input_grad_norms", tensors)
+    def probe(self, tensors, probe):
+        return self._split("probe", tensors, probe)
 
     def shutdown(self) -> None:
         if self.owned:

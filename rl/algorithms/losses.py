@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rl.engine.base import Forwards, Loss, LossOut
-from rl.engine.frozen import next_token_logprobs, token_logprobs
+from rl.engine.base import Forwards, Loss, LossOut, Probe
+from rl.engine.frozen import next_token_logprobs, token_logprobs, topk_logprobs
 
 
 @dataclass
@@ -160,6 +160,17 @@ def forward_kl_topk(student_logp: torch.Tensor, teacher_ids: torch.Tensor,
     t_tail = t_tail_log.exp()
     kl_tail = torch.where(t_tail > 0, t_tail * (t_tail_log - s_tail_log), torch.zeros_like(t_tail))
     return kl_top + kl_tail
+
+
+@dataclass
+class TopKTargets(Probe):
+    """A teacher's distillation targets: its k most likely next tokens per position, ids and
+    log-probs [B, T, k] (what travels from teacher actors; `distill_loss` adds the tail)."""
+    k: int
+    temperature: float = 1.0
+
+    def __call__(self, model, b):
+        return topk_logprobs(model.next_token_logprobs(b, self.temperature), self.k)
 
 
 def distill_loss(student_logp: torch.Tensor, mask: torch.Tensor, normaliser: float,

@@ -189,6 +189,7 @@ class CreditTrace:
     selected: Tensor
     local_heads: list[int]
     global_heads: list[int]
+    head_distance: Tensor | None = None  # [P] each pooled head's mean look-back distance
 
 
 def attention_credit(attn_stats: dict, resp: Tensor, strategy: str, p: PreplanAnchorParams):
@@ -200,7 +201,7 @@ def attention_credit(attn_stats: dict, resp: Tensor, strategy: str, p: PreplanAn
     gamma = gamma_from_sets(strategy, sets, p)
     selected = {"local_chunk": sets.preplan, "global_anchor": sets.anchor,
                 "coupled": sets.anchor | sets.intro}[strategy]
-    return gamma, CreditTrace(sets, gamma, selected, local.tolist(), glob.tolist()), d
+    return gamma, CreditTrace(sets, gamma, selected, local.tolist(), glob.tolist(), d), d
 
 
 def _jaccard(a: list[int], b: list[int] | None) -> float:

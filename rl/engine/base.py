@@ -60,23 +60,41 @@ class Loss(ABC):
         """One micro-batch `b` (tensors; its share of extra row sets under b["extra"][name])."""
 
 
+class Readable(ABC):
+    """What a Probe may read of a model, inside the process that holds it."""
+
+    @abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The model itself (e.g. for gradients with respect to its input embeddings)."""
+
+    @abstractmethod
+    def next_token_logprobs(self, b: dict, temperature: float) -> torch.Tensor:
+        """[B, T, V] log-probs of the next token at every position (column 0 all zeros)."""
+
+
+class Probe(ABC):
+    """A read of a model that is not a training step — a method's gradient sensitivities, a
+    teacher's distillation targets —, handed to the engine as an object like a Loss: the
+    engine runs it without knowing what it is. Returns [B, ...] tensors (or a tuple of them)."""
+
+    @abstractmethod
+    def __call__(self, model: Readable, b: dict):
+        ...
+
+
 class ScoringEngine(ABC):
-    """What a model that is read but not trained answers: the LeaF teacher, and the policy
-    itself (every TrainEngine is one)."""
+    """What a model that is read but not trained answers: a teacher, and the policy itself
+    (every TrainEngine is one)."""
 
     @abstractmethod
-    def score(self, batch: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
-        """No-grad forward: per-token `logprobs` and `entropy` [B, T] of the model."""
+    def score(self, batch: dict[str, torch.Tensor], temperature: float,
+              stats: dict | None = None) -> dict[str, torch.Tensor]:
+        """No-grad forward: per-token `logprobs` and `entropy` [B, T] of the model (and the
+        attention statistics `stats` asks for: rl/engine/frozen.py `scored`)."""
 
     @abstractmethod
-    def input_grad_norms(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, T] ‖∂L/∂e_t‖₂: gradient of each row's mean response cross-entropy with respect
-        to its input embeddings (LeaF's sensitivity); no parameter gradient is kept."""
-
-    @abstractmethod
-    def topk_logprobs(self, batch: dict[str, torch.Tensor], k: int,
-                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k next-token ids and log-probs [B, T, k] per position (distillation targets)."""
+    def probe(self, batch: dict[str, torch.Tensor], probe: Probe):
+        """`probe` run on this model over the batch; its tensors come back on the CPU."""
 
 
 class TrainEngine(ScoringEngine):

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.varlen import install_sdpa
-from rl.engine.base import Forwards, Loss, TrainEngine
-from rl.engine.frozen import (FrozenModel, input_grad_norms, load_model, logits_of,
-                              next_token_logprobs, token_logprobs, topk_logprobs)
+from rl.engine.base import Forwards, Loss, Probe, Readable, TrainEngine
+from rl.engine.frozen import (FrozenModel, load_model, logits_of, next_token_logprobs, scored,
+                              to_cpu, token_logprobs)
 from rl.engine.packing import is_right_padded, packed_token_logprobs, packing_matches
 
 
@@ -47,8 +47,8 @@ class DSEngineConfig:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     ref_model_path: str | None = None
-    # A teacher loaded next to the policy (LeaF, teacher.placement=colocated): the "distill"
-    # loss then reads its full next-token distributions inside each micro-batch.
+    # A teacher loaded next to the policy (teacher.placement=colocated): a distillation loss
+    # then reads its full next-token distributions inside each micro-batch.
     teacher_model_path: str | None = None
     backend: str | None = None
     seed: int = 0
@@ -170,27 +170,15 @@ class DeepSpeedEngine(TrainEngine):
         """Logprobs and entropy; with `stats` (StatsSpec keyword arguments, e.g.
         {"waad_window": 10, "fai_band": [10, 100]}, plus an optional "layers" selection,
         default learner.stats_layers) also the attention statistics of those layers, from this
-        same forward: {layer: {name: [B, H, T] tensor}}. Key-class masses read the batch's
-        "key_classes" ([B, T] ints, -1 = no class)."""
+        same forward (rl/engine/frozen.py `scored`)."""
         self.engine.eval()
         b = self._to(batch)
-        if not stats:
-            lp, ent = self._forward(self.engine, b, temperature)
-            return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu()}
-        from kernels import AttentionCapture, StatsSpec
-
-        if self.cfg.attention != "kernels":
+        if stats and self.cfg.attention != "kernels":
             raise RuntimeError("attention statistics need learner.attention=kernels")
-        stats = dict(stats)
-        layers = stats.pop("layers", self.cfg.stats_layers)
-        spec = StatsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in stats.items()})
-        cap = AttentionCapture(self._module(), layers=layers, spec=spec, impl=self.cfg.attn_impl)
-        with cap(response_mask=b.get("response_mask"), key_classes=b.get("key_classes")) as captured:
-            lp, ent = self._forward(self.engine, b, temperature)
-        attn = {layer: {k: v.cpu() for k, v in st.fields().items()}
-                for layer, st in captured.items()}
-        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu(), "attn_stats": attn,
-                "stats_s": captured.stats_seconds}
+        if stats:
+            stats = {"layers": self.cfg.stats_layers, **stats}
+        return scored(self._module(), lambda: self._forward(self.engine, b, temperature), b,
+                      stats, self.cfg.attn_impl)
 
     @torch.no_grad()
     def ref_score(self, batch, temperature=1.0):
@@ -200,19 +188,13 @@ class DeepSpeedEngine(TrainEngine):
         lp, _ = self._forward(self.ref, b, temperature, with_entropy=False)
         return lp.float().cpu()
 
-    @torch.no_grad()
-    def topk_logprobs(self, batch, k: int, temperature: float = 1.0):
+    def probe(self, batch, probe: Probe):
+        """`probe` on the policy (rl/engine/base.py). A probe that differentiates (with respect
+        to the input embeddings, say) leaves DeepSpeed's gradient buffers and reduction hooks
+        untouched as long as no parameter requires its grad; under ZeRO-3 the forward still
+        gathers parameters collectively: every rank must call."""
         self.engine.eval()
-        logits = logits_of(self.engine, self._to(batch))
-        ids, values = topk_logprobs(next_token_logprobs(logits, temperature), k)
-        return ids.cpu(), values.cpu()
-
-    def input_grad_norms(self, batch):
-        """The policy's LeaF sensitivity. Only the input embeddings require grad, so DeepSpeed's
-        gradient buffers and reduction hooks are untouched (under ZeRO-3 the forward and
-        backward still gather parameters collectively: every rank must call)."""
-        self.engine.eval()
-        return input_grad_norms(self.engine.module, self._to(batch)).cpu()
+        return to_cpu(probe(PolicyView(self), self._to(batch)))
 
     # --- training ---------------------------------------------------------------------------
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -442,6 +424,19 @@ class PolicyForwards(Forwards):
             raise RuntimeError("distillation: no teacher targets in the batch and no teacher "
                                "loaded beside the policy (teacher.placement)")
         return self.e.teacher.full_logprobs(b)
+
+
+class PolicyView(Readable):
+    """What a Probe may read of the policy under training."""
+
+    def __init__(self, engine: DeepSpeedEngine):
+        self.e = engine
+
+    def module(self):
+        return self.e.engine.module
+
+    def next_token_logprobs(self, b, temperature):
+        return next_token_logprobs(logits_of(self.e.engine, b), temperature)
 
 
 def device_env(env: dict) -> dict[str, str]:

@@ -1,16 +1,16 @@
 """A model that is scored and differentiated with respect to its inputs, never trained.
 
-The LeaF teacher is one (frozen, possibly large, in its own Ray actors so that on a cluster it
-sits on its own GPUs); so is a student snapshot during offline confounder detection. It
-answers the scoring half of the engine boundary (rl/engine/base.py `ScoringEngine`): per-token
-log-probs, top-k next-token log-probs for distillation, and input-embedding gradient norms.
+A teacher is one (frozen, possibly large, in its own Ray actors so that on a cluster it sits on
+its own GPUs); so is a student snapshot read offline, and the checkpoint `launch.inspect`
+draws. It answers the scoring half of the engine boundary (rl/engine/base.py `ScoringEngine`):
+per-token log-probs and entropy (with attention statistics), and whatever Probe it is given.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from rl.engine.base import ScoringEngine
+from rl.engine.base import Probe, Readable, ScoringEngine
 
 
 # A logit low enough that the token has probability 0 in float32 and bfloat16, yet finite, so
@@ -80,27 +80,27 @@ def next_token_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return F.pad(logp, (0, 0, 1, 0))
 
 
-def input_grad_norms(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """g[i, t] = ‖∂L_i/∂e_t‖₂ (LeaF §2.1): L_i is row i's mean cross-entropy over its
-    `response_mask` tokens, e_t the input embedding of position t. [B, T] float32.
+def scored(module, forward, b: dict, stats: dict | None, impl: str = "auto") -> dict:
+    """The scoring forward's answer: per-token logprobs and entropy of `forward()` (which
+    runs `module` on the batch `b`); with `stats` (StatsSpec keyword arguments plus "layers")
+    also the attention statistics of those layers from the same forward — {layer: {name:
+    [B, H, T]}} and the seconds their pass took. Key-class masses read b["key_classes"]
+    ([B, T] ints, -1 = no class). The policy's engine and a frozen model both answer this way,
+    so `launch.inspect` sees what the trainer sees."""
+    if not stats:
+        lp, ent = forward()
+        return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu()}
+    from kernels import AttentionCapture, StatsSpec
 
-    Rows are summed into one scalar: each row's loss depends only on its own embeddings, so
-    one backward gives every row's gradient exactly as if it were alone (padding only adds
-    masked keys). Only the embeddings require grad: no parameter gradient is formed or kept.
-    """
-    ids, attn = batch["input_ids"], batch["attention_mask"].long()
-    mask = batch["response_mask"].float()
-    with torch.no_grad():
-        emb = model.get_input_embeddings()(ids)
-    emb = emb.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(inputs_embeds=emb, attention_mask=attn, use_cache=False).logits
-        logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-        logp = F.log_softmax(logits, dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        per_row = (nll * mask[:, 1:]).sum(-1) / mask[:, 1:].sum(-1).clamp(min=1)
-        (grad,) = torch.autograd.grad(per_row.sum(), emb)
-    return grad.float().norm(dim=-1) * attn.float()
+    stats = dict(stats)
+    layers = stats.pop("layers")
+    spec = StatsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in stats.items()})
+    cap = AttentionCapture(module, layers=layers, spec=spec, impl=impl)
+    with cap(response_mask=b.get("response_mask"), key_classes=b.get("key_classes")) as captured:
+        lp, ent = forward()
+    attn = {layer: {k: v.cpu() for k, v in st.fields().items()} for layer, st in captured.items()}
+    return {"logprobs": lp.float().cpu(), "entropy": ent.float().cpu(), "attn_stats": attn,
+            "stats_s": captured.stats_seconds}
 
 
 def topk_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,7 @@ def topk_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 class FrozenModel(ScoringEngine):
     """`vocab_size`: keep only the first ids of the output distribution — a teacher whose
     embedding matrix has padded rows beyond the student's vocabulary (same tokenizer) is cut
-    to the student's size before the softmax, as LeaF's code does."""
+    to the student's size before the softmax."""
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None,
                  vocab_size: int | None = None):
@@ -121,6 +121,7 @@ class FrozenModel(ScoringEngine):
         self.model = load_model(model_path, dtype)
         self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size = vocab_size
+        self.kernels = False  # our attention installed (for statistics), once asked for
 
     def _to(self, batch):
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -130,17 +131,38 @@ class FrozenModel(ScoringEngine):
         b = self._to(batch)
         return next_token_logprobs(logits_of(self.model, b)[..., : self.vocab_size], temperature)
 
-    def score(self, batch, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-        logp = self.full_logprobs(batch, temperature)
-        ids = batch["input_ids"].to(logp.device)
-        lp = logp.gather(-1, ids[..., None]).squeeze(-1)
-        lp[:, 0] = 0.0
-        ent = -(logp.exp() * logp).sum(-1)
-        return {"logprobs": lp.cpu(), "entropy": ent.cpu()}
+    def score(self, batch, temperature: float = 1.0, stats: dict | None = None) -> dict[str, torch.Tensor]:
+        """Logprobs and entropy — with `stats`, also attention statistics (`scored`)."""
+        b = self._to(batch)
 
-    def topk_logprobs(self, batch, k: int, temperature: float = 1.0):
-        ids, values = topk_logprobs(self.full_logprobs(batch, temperature), k)
-        return ids.cpu(), values.cpu()
+        def forward():
+            logp = self.full_logprobs(b, temperature)
+            lp = logp.gather(-1, b["input_ids"][..., None]).squeeze(-1)
+            lp[:, 0] = 0.0
+            return lp, -(logp.exp() * logp).sum(-1)
 
-    def input_grad_norms(self, batch) -> torch.Tensor:
-        return input_grad_norms(self.model, self._to(batch)).cpu()
+        if stats and not self.kernels:
+            from kernels import install
+
+            install(self.model, impl="auto", plain="sdpa")
+            self.kernels = True
+        return scored(self.model, forward, b, stats)
+
+    def probe(self, batch, probe: Probe):
+        return to_cpu(probe(FrozenView(self), self._to(batch)))
+
+
+class FrozenView(Readable):
+    def __init__(self, frozen: FrozenModel):
+        self.f = frozen
+
+    def module(self):
+        return self.f.model
+
+    def next_token_logprobs(self, b, temperature):
+        return self.f.full_logprobs(b, temperature)
+
+
+def to_cpu(out):
+    """A probe's result (a tensor or a tuple of them) on the CPU."""
+    return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()

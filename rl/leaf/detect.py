@@ -1,8 +1,8 @@
 """LeaF stage 1 on real models: sensitivities from the teacher and the student, Δ, confounders.
 
-`teacher` and `student` are anything with `input_grad_norms(tensors) -> [B, T]` — the
-teacher's actors (rl/teacher.py) and the learner group: the same scoring boundary, so the same
-code runs with a 1M-parameter teacher on a CPU and a 70B one on its own GPUs.
+`teacher` and `student` are anything that runs a Probe (rl/engine/base.py) — the teacher's
+actors (rl/teacher.py), the learner group, a FrozenModel: the same scoring boundary, so the
+same code runs with a 1M-parameter teacher on a CPU and a 70B one on its own GPUs.
 """
 from __future__ import annotations
 
@@ -11,12 +11,45 @@ from dataclasses import dataclass
 import ray
 import torch
 
+import torch.nn.functional as F
+
 from rewards import RewardItem
+from rl.engine.base import Probe
 from rl.leaf.confounders import (candidate_mask, confounder_mask, glue_whitespace, mask_spans,
                                  sensitivity_difference)
 from rl.leaf.examples import Example, batch_tensors, counterfactuals
 
 SCORING_KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+def input_grad_norms(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """g[i, t] = ‖∂L_i/∂e_t‖₂ (LeaF §2.1): L_i is row i's mean cross-entropy over its
+    `response_mask` tokens, e_t the input embedding of position t. [B, T] float32.
+
+    Rows are summed into one scalar: each row's loss depends only on its own embeddings, so
+    one backward gives every row's gradient exactly as if it were alone (padding only adds
+    masked keys). Only the embeddings require grad: no parameter gradient is formed or kept.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"].long()
+    mask = batch["response_mask"].float()
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids)
+    emb = emb.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(inputs_embeds=emb, attention_mask=attn, use_cache=False).logits
+        logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+        logp = F.log_softmax(logits, dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        per_row = (nll * mask[:, 1:]).sum(-1) / mask[:, 1:].sum(-1).clamp(min=1)
+        (grad,) = torch.autograd.grad(per_row.sum(), emb)
+    return grad.float().norm(dim=-1) * attn.float()
+
+
+class InputGradNorms(Probe):
+    """LeaF's sensitivity probe: `input_grad_norms` of the model it runs on."""
+
+    def __call__(self, model, b):
+        return input_grad_norms(model.module(), b)
 
 
 @dataclass
@@ -44,7 +77,7 @@ def sensitivities(scorer, examples: list[Example], pad_id: int, chunk: int) -> t
     parts = []
     for i in range(0, len(examples), chunk):
         t = batch_tensors(examples[i:i + chunk], pad_id)
-        parts.append(scorer.input_grad_norms({k: t[k] for k in SCORING_KEYS}))
+        parts.append(scorer.probe({k: t[k] for k in SCORING_KEYS}, InputGradNorms()))
     width = max(p.shape[1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rl.algorithms.losses import DistillTerm
+from rl.algorithms.losses import DistillTerm, TopKTargets
 from rl.batch import RolloutBatch
 from rl.data import EncodedPrompt
 from rl.leaf.confounders import precision_recall_f1
@@ -141,7 +141,7 @@ class LeafInRL(Method):
         t = batch_tensors(pruned, tok.pad_token_id)
         kd = {k: t[k] for k in KD_KEYS}
         if self.topk is not None:
-            kd["teacher_ids"], kd["teacher_logprobs"] = self.teacher.topk_logprobs(kd, self.topk)
+            kd["teacher_ids"], kd["teacher_logprobs"] = self.teacher.probe(kd, TopKTargets(self.topk))
         return kd
 
     def draw(self, tracker, tok, batch: RolloutBatch, rows: int, step: int) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from rewards import RewardPool
 from rl.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at
-from rl.algorithms.losses import DistillLoss
+from rl.algorithms.losses import DistillLoss, TopKTargets
 from rl.data import train_samples_at
 from rl.leaf.confounders import precision_recall_f1
 from rl.leaf.detect import detect, greedy_correct, log_leaf_table, prune_detected, records
@@ -197,7 +197,7 @@ def distil(cfg, task, tok, learner, teacher, pruned: list[Example], report: dict
         full = batch_tensors(batch_rows(task, tok, cfg, step, pruned), tok.pad_token_id)
         tensors = {k: full[k] for k in TRAIN_KEYS}
         if topk is not None:
-            tensors["teacher_ids"], tensors["teacher_logprobs"] = teacher.topk_logprobs(tensors, topk)
+            tensors["teacher_ids"], tensors["teacher_logprobs"] = teacher.probe(tensors, TopKTargets(topk))
         learner.set_lr(lr_at(step, d.steps, d.lr, d.warmup_steps))
         metrics = learner.train_minibatch(tensors, DistillLoss())
         losses.append(metrics["kd_kl"])

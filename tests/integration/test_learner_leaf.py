@@ -16,7 +16,8 @@ from rl.tasks import get_task
 from rl.teacher import TeacherGroup
 from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 from rl.algorithms.losses import DistillTerm
-from rl.algorithms.losses import DistillLoss
+from rl.algorithms.losses import DistillLoss, TopKTargets
+from rl.leaf.detect import InputGradNorms
 from rl.algorithms.losses import PolicyLoss
 
 KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -49,8 +50,8 @@ def rows(n: int, offset: int = 0) -> dict[str, torch.Tensor]:
 def test_sensitivities_on_two_zero3_ranks_equal_the_model_in_process(group, tiny_model_dir):
     b = rows(5)
     digest = group.optimizer_state_digest()
-    g = group.input_grad_norms(b)
-    ref = FrozenModel(tiny_model_dir).input_grad_norms(b)
+    g = group.probe(b, InputGradNorms())
+    ref = FrozenModel(tiny_model_dir).probe(b, InputGradNorms())
     torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     assert group.optimizer_state_digest() == digest  # no parameter gradient reached Adam
 
@@ -60,12 +61,12 @@ def test_kd_loss_colocated_equals_teacher_actor_top_v(group, teacher_dir):
     colocated = group.train_minibatch(b, DistillLoss())
     actor = TeacherGroup(teacher_dir, _tcfg(), "float32", len(build_char_tokenizer()))
     try:
-        ids, lps = actor.topk_logprobs(b, k=len(build_char_tokenizer()))
+        ids, lps = actor.probe(b, TopKTargets(len(build_char_tokenizer())))
         via_actor = group.train_minibatch({**b, "teacher_ids": ids, "teacher_logprobs": lps},
                                           DistillLoss())
         # the actor's rows come back in order even when split over 2 actors
         two = TeacherGroup(teacher_dir, _tcfg(num_actors=2), "float32", len(build_char_tokenizer()))
-        ids2, lps2 = two.topk_logprobs(b, k=len(build_char_tokenizer()))
+        ids2, lps2 = two.probe(b, TopKTargets(len(build_char_tokenizer())))
         two.shutdown()
     finally:
         actor.shutdown()

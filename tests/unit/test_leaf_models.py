@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from rl.algorithms.losses import distill_loss, forward_kl, forward_kl_topk
-from rl.engine.frozen import FrozenModel, input_grad_norms, next_token_logprobs, topk_logprobs
+from rl.engine.frozen import FrozenModel, next_token_logprobs, topk_logprobs
+from rl.leaf.detect import InputGradNorms, input_grad_norms
 from rl.leaf.detect import detect
 from rl.leaf.examples import batch_tensors, counterfactuals, instruction_example, response_example
 from rl.prompt_format import PromptFormat
@@ -61,17 +62,17 @@ def test_input_grad_norms_match_autograd_reference_alone_and_in_a_padded_batch(m
     tok = build_char_tokenizer()
     m = FrozenModel(model_dir)
     b = rows(tok, PAIRS)
-    g = m.input_grad_norms(b)
+    g = m.probe(b, InputGradNorms())
     for i in range(len(PAIRS)):
         n = int(b["attention_mask"][i].sum())
         ref = reference_g(m.model, b["input_ids"][i, :n], b["response_mask"][i, :n])
         torch.testing.assert_close(g[i, :n], ref, rtol=1e-4, atol=1e-7)
         assert (g[i, n:] == 0).all()  # padding carries no sensitivity
-        alone = m.input_grad_norms({k: v[i:i + 1, :n] for k, v in b.items()})
+        alone = m.probe({k: v[i:i + 1, :n] for k, v in b.items()}, InputGradNorms())
         torch.testing.assert_close(g[i:i + 1, :n], alone, rtol=1e-4, atol=1e-7)
     # the batch order does not matter either
     perm = torch.tensor([2, 0, 1])
-    g_perm = m.input_grad_norms({k: v[perm] for k, v in b.items()})
+    g_perm = m.probe({k: v[perm] for k, v in b.items()}, InputGradNorms())
     torch.testing.assert_close(g_perm, g[perm], rtol=1e-4, atol=1e-7)
 
 
