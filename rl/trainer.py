@@ -556,7 +556,7 @@ class Trainer:
                    "cold_start_accuracy_sampled": cold.get("eval/accuracy_sampled", float("nan")),
                    "final_accuracy_sampled": evals.get("eval/accuracy_sampled", float("nan")),
                    "steps": self.step,
-                   "policy_init": self.policy_init,  # the cold start, or its distilled student
+                   "policy_init": self.policy_init,  # the cold start, or what a stage before RL made of it
                    "stopped_by": signals.received,  # SIGTERM / SIGINT, or None
                    "learner_restarts": self.failures, "engine_restarts": self.engines.restarts,
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}

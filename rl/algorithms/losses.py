@@ -270,12 +270,17 @@ class PolicyLoss(Loss):
 
 
 @dataclass
-class SftLoss(Loss):
-    """Next-token negative log-likelihood of the response tokens (the cold start)."""
+class TokenMeanLoss(Loss):
+    """A loss averaged over the minibatch's response tokens."""
     normaliser: float = 1.0
 
-    def bind(self, rows, extra) -> "SftLoss":
+    def bind(self, rows, extra) -> "TokenMeanLoss":
         return replace(self, normaliser=token_count(rows))
+
+
+@dataclass
+class SftLoss(TokenMeanLoss):
+    """Next-token negative log-likelihood of the response tokens (the cold start)."""
 
     def __call__(self, model, b, temperature) -> LossOut:
         lp, _ = model.logprobs(b, temperature)
@@ -283,12 +288,8 @@ class SftLoss(Loss):
 
 
 @dataclass
-class DistillLoss(Loss):
+class DistillLoss(TokenMeanLoss):
     """Offline distillation: forward KL to the teacher on every row."""
-    normaliser: float = 1.0
-
-    def bind(self, rows, extra) -> "DistillLoss":
-        return replace(self, normaliser=token_count(rows))
 
     def __call__(self, model, b, temperature) -> LossOut:
         value, metrics = teacher_kl(model, b, model.logits(b)[0], self.normaliser)

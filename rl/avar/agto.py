@@ -7,25 +7,21 @@ micro-batches and ranks add up to the minibatch mean.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kernels import StatsSpec
-from rl.algorithms.losses import sft_loss, token_count
+from rl.algorithms.losses import TokenMeanLoss, sft_loss
 import torch
 
 from rl.avar.scores import (N_CLASSES, AgtoConfig, agto_loss, check_classes, key_classes,
                             user_query_mask)
-from rl.engine.base import Loss, LossOut
+from rl.engine.base import LossOut
 from rl.engine.frozen import token_logprobs
 
 
 @dataclass
-class AgtoLoss(Loss):
-    cfg: AgtoConfig
-    normaliser: float = 1.0
-
-    def bind(self, rows, extra) -> "AgtoLoss":
-        return replace(self, normaliser=token_count(rows))
+class AgtoLoss(TokenMeanLoss):
+    cfg: AgtoConfig = AgtoConfig()
 
     def __call__(self, model, b, temperature) -> LossOut:
         agto = self.cfg

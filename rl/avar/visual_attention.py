@@ -47,7 +47,7 @@ class Avar(Method):
         from rl.avar.agto import AgtoLoss, agto_inputs
 
         agto = self.agto
-        return ColdStartObjective(AgtoLoss(agto), lambda batch: agto_inputs(batch, agto),
+        return ColdStartObjective(AgtoLoss(cfg=agto), lambda batch: agto_inputs(batch, agto),
                                   asdict(agto))
 
     def setup(self, run: RunInfo) -> None:

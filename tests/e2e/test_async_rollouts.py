@@ -9,49 +9,85 @@ a run whose engine is killed with two batches queued on it.
 """
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from rl.rollout_queue import RolloutQueue
+from rl.tasks.base import stable_hash
 from rl.trainer import Trainer
 from tests.e2e.test_pipeline import make_cfg, metrics, run, stop_then_kill
 
 pytestmark = pytest.mark.timeout(3600)
 K = 2
+TIS_CAP = 2.0  # c: with tis_mode=mask a token drops out where ρ lies outside [1/c, c]
 ASYNC = [f"rollout.async_steps={K}", "steps=4", "save_every=1", "keep_last=0",
-         "eval_every=4", "algorithm.tis_cap=2.0", "algorithm.tis_mode=mask"]
+         "eval_every=4", f"algorithm.tis_cap={TIS_CAP}", "algorithm.tis_mode=mask"]
 
 
 @pytest.fixture(scope="module")
 def async_run(ray_session, tmp_path_factory, dataset, cache_dir):
-    """The reference run; every step's batch recorded as the learner received it."""
+    """The reference run; every step's batch recorded as the learner received it, and what
+    each update trained on (copies of the fields the sampler correction reads, taken as
+    `Trainer.update` is called, with the minibatch settings it splits by)."""
     out = tmp_path_factory.mktemp("async_a")
-    batches, rollout = {}, Trainer.rollout
+    batches, updates, rollout, update = {}, {}, Trainer.rollout, Trainer.update
 
     def recording_rollout(self, step):
         batch, staleness = rollout(self, step)
         batches[step + 1] = (batch, staleness)
         return batch, staleness
 
+    def recording_update(self, batch, step, extra_rows):
+        updates[step + 1] = {"old": batch.old_logprobs.clone(), "sampler": batch.sampler_logprobs.clone(),
+                             "mask": batch.response_mask.clone(), "step": step, "seed": self.cfg.seed,
+                             "epochs": self.alg.epochs, "minibatch_size": self.alg.minibatch_size}
+        return update(self, batch, step, extra_rows)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "rollout", recording_rollout)
+        mp.setattr(Trainer, "update", recording_update)
         summary, _ = run(make_cfg(out, cache_dir, dataset, ASYNC))
-    return out, summary, batches
+    return out, summary, batches, updates
+
+
+def corrected_fracs(rec: dict) -> list[float]:
+    """`train/is_corrected_frac`'s parts, recomputed from the batch an update trained on: per
+    minibatch (the seeded permutation `Trainer.update` draws, minibatch_size rows each, every
+    epoch), the share of its response tokens whose importance weight ρ = exp(old − sampler)
+    the mask correction zeroed, i.e. ρ outside [1/c, c] ⇔ |old − sampler| > log c. The
+    learner reports each minibatch's value token-weighted over ranks and micro-batches (= this
+    share); the trainer logs their mean."""
+    gen = torch.Generator().manual_seed(stable_hash("minibatch", rec["seed"], rec["step"]) % 2**63)
+    mask = rec["mask"].bool()
+    dropped = ((rec["old"] - rec["sampler"]).abs() > math.log(TIS_CAP)) & mask
+    rows, mb = len(mask), rec["minibatch_size"]
+    fracs = []
+    for _ in range(rec["epochs"]):
+        perm = torch.randperm(rows, generator=gen)
+        for start in range(0, rows, mb):
+            idx = perm[start:start + mb]
+            fracs.append(float(dropped[idx].sum()) / max(float(mask[idx].sum()), 1.0))
+    return fracs
 
 
 def test_staleness_reaches_k_and_never_exceeds_it(async_run):
     """Step 1 is generated on the spot (v0, trained at v0); steps 2 and 3 were both started
     with v0 during step 1, trained at v1 and v2; step 4 started with v1 during step 2, trained
     at v3."""
-    out, summary, batches = async_run
+    out, summary, batches, updates = async_run
     m = metrics(out)
     assert summary["steps"] == 4
     assert [m[s]["rollout/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
     assert [batches[s][1] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    fracs = {s: corrected_fracs(updates[s]) for s in (1, 2, 3, 4)}
+    print("is_corrected_frac per minibatch", fracs)
+    assert sum(map(sum, fracs.values())) > 0  # the stale steps do drop tokens: a real comparison
     for s in (1, 2, 3, 4):  # the masked correction ran and reports what it dropped
-        assert 0.0 <= m[s]["train/is_corrected_frac"] <= 1.0
+        assert m[s]["train/is_corrected_frac"] == pytest.approx(np.mean(fracs[s]), rel=1e-6, abs=1e-9), s
         assert m[s]["train/grad_norm"] > 0
 
 
@@ -72,7 +108,7 @@ def test_each_batch_was_sampled_by_the_weights_its_staleness_names(async_run):
     """Step 4's batch has staleness 2: sampled with v1 (the checkpoint after step 1), trained at
     v3. Its sampler logprobs match v1's export to float precision, and not v3's — the engine
     sampled with v1 whole, though syncs to v2 and v3 were sent while it was queued."""
-    out, _, batches = async_run
+    out, _, batches, _ = async_run
     batch, staleness = batches[4]
     assert staleness == 2
     mask = batch.response_mask
@@ -91,7 +127,7 @@ def test_async_resume_is_exact_with_batches_in_flight(async_run, tmp_path_factor
     """Stopped after step 2: the checkpoint holds steps 3 and 4's batches (sampled with v0 and
     v1, weights a resumed run no longer has); resume=true trains on them and replays steps 3 and
     4 exactly."""
-    full, _, _ = async_run
+    full, _, _, _ = async_run
     out = tmp_path_factory.mktemp("async_b")
     summary, _ = run(make_cfg(out, cache_dir, dataset, ASYNC + ["stop_after=2"]))
     assert summary["steps"] == 2
@@ -114,7 +150,7 @@ def test_an_engine_killed_with_two_batches_queued_changes_nothing(
     with the weights it was started with — for step 3 that means v0 reloaded into an engine
     already synced to v2 — and the engine gets the current weights back afterwards: every step
     equals the reference run's, and the one death counts as one restart."""
-    full, _, _ = async_run
+    full, _, _, _ = async_run
     out = tmp_path_factory.mktemp("async_kill")
     prefetch, killed = RolloutQueue.prefetch, []
 

@@ -52,7 +52,7 @@ def test_agto_loss_on_two_zero3_ranks_equals_the_eager_formula(group, tiny_model
     agto = AgtoConfig(alpha=0.15, beta=0.15, layers="all", eps=1e-6)
     b.update(agto_inputs(b, agto))
     kc, q = b["key_classes"], b["query_mask"]
-    out = group.train_minibatch(b, AgtoLoss(agto))
+    out = group.train_minibatch(b, AgtoLoss(cfg=agto))
 
     logits, maps = eager_attentions(tiny_model_dir, b)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]

@@ -1,7 +1,9 @@
 """Credit pictures (rl/credit/render.py) and the `launch.inspect` tool end to end on a tiny model."""
+import html
 import json
 import re
 
+import numpy as np
 import pytest
 
 from rl.credit.render import credit_html, credit_page, credit_png
@@ -106,13 +108,31 @@ def test_inspect_names_a_missing_checkpoint(tmp_path):
         main(["--checkpoint", str(tmp_path), "--prompt", "x"])
 
 
+def stat_tooltips(html_text: str, stat: str) -> list[tuple[float, set[str]]]:
+    """Per token of the `stat` view (credit_html's tooltips, in token order): the exact value
+    and the names of the marks on it. A tooltip reads "#j 'tok'\n<stat> = <repr>[\nmark, mark]"."""
+    start = html_text.index(f'data-stat="{stat}"')
+    end = html_text.find('data-stat="', start + 1)
+    tips = re.findall(r'class="cr-tok" style="[^"]*" title="([^"]*)"', html_text[start:end if end > 0 else None])
+    out = []
+    for j, tip in enumerate(html.unescape(t) for t in tips):
+        lines = tip.split("\n")
+        assert lines[0].startswith(f"#{j} ") and lines[1].startswith(f"{stat} = "), tip
+        out.append((float(lines[1][len(stat) + 3:]), set(lines[2].split(", ")) if len(lines) > 2 else set()))
+    return out
+
+
 def test_inspect_with_a_teacher_draws_leafs_view_of_the_prompt(tiny_model_dir, tmp_path):
     """--teacher adds ĝ_T, ĝ_S, Δ over the prompt tokens, the confounders and the task's
-    distractor labels; Δ and the marks equal LeaF's detection run directly."""
+    distractor labels. LeaF's detection, run here directly on the same prompt, response and
+    models, must give every token's Δ as the page's tooltip holds it (a float32 shown as its
+    shortest decimal, so exactly equal once read back as float32) and the same confounder
+    marks; the distractor marks are the task's labelled character spans (one char = one token)."""
     from launch.inspect import main, task_prompt, task_sample
     from rl.engine.frozen import FrozenModel
     from rl.leaf.detect import detect
     from rl.leaf.examples import Example
+    from rl.teacher import student_vocab_size
     from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 
     teacher = str(build_tiny_model(tmp_path / "teacher", TinyModelSpec(seed=7)))
@@ -121,18 +141,29 @@ def test_inspect_with_a_teacher_draws_leafs_view_of_the_prompt(tiny_model_dir, t
     paths = main(["--checkpoint", tiny_model_dir, "--task-sample", "0", "--distractors",
                   "--response", response, "--teacher", teacher, "--out", str(out)])
     assert [p.name for p in paths] == ["sample_0.html", "sample_0.png", "sample_0_leaf.png"]
-    html = (out / "sample_0.html").read_text(encoding="utf-8")
-    assert _sections(html) == {"WAAD", "FAI", "γ", "ĝ_T", "ĝ_S", "Δ"}
-    assert "confounder" in html and "distractor (label)" in html
+    page = (out / "sample_0.html").read_text(encoding="utf-8")
+    assert _sections(page) == {"WAAD", "FAI", "γ", "ĝ_T", "ĝ_S", "Δ"}
     assert (out / "sample_0_leaf.png").read_bytes().startswith(PNG_MAGIC)
     prompt, _ = task_prompt(0, distractors=True)
     sample = task_sample(0, distractors=True)
     assert sample.distractors and sample.prompt in prompt
     tok = build_char_tokenizer()
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    ex = Example(None, ids, [0] * len(ids), [True] * len(ids), tok(response)["input_ids"])
-    det = detect([ex], FrozenModel(teacher), FrozenModel(tiny_model_dir), tok, 0.1, 0.5)
-    # the legend counts each mark: LeaF's confounders, and the labelled distractor characters
-    n_labels = sum(e - s for s, e in sample.distractors)  # one char = one token
-    assert f"confounder ({int(det.confounders[0].sum())})" in html
-    assert f"distractor (label) ({n_labels})" in html
+    assert len(ids) == len(prompt)  # one char = one token
+    ex = Example(None, ids, [0] * len(ids), [True] * len(ids),
+                 tok(response, add_special_tokens=False)["input_ids"])
+    det = detect([ex], FrozenModel(teacher, vocab_size=student_vocab_size(tiny_model_dir, teacher)),
+                 FrozenModel(tiny_model_dir), tok, 0.1, 0.5)
+    delta, confounder = det.delta[0, :len(ids)], det.confounders[0, :len(ids)].tolist()
+    assert 0 < sum(confounder) < len(ids)  # the marks can tell a wrong token set
+    offset = prompt.index(sample.prompt)
+    labelled = [any(s <= j - offset < e for s, e in sample.distractors) for j in range(len(ids))]
+    shown = stat_tooltips(page, "Δ")
+    assert len(shown) == len(ids)
+    for j, (value, marks) in enumerate(shown):
+        assert np.float32(value) == delta[j].numpy(), (j, value, float(delta[j]))
+        want = {name for name, on in (("confounder", confounder[j]), ("distractor (label)", labelled[j])) if on}
+        assert marks == want, (j, marks, want)
+    # the legend counts the same marks
+    assert f"confounder ({sum(confounder)})" in page
+    assert f"distractor (label) ({sum(labelled)})" in page
