@@ -1,6 +1,6 @@
 """Memory and open files of a running training job's processes, by role.
 
-A local run (`ray.init(address="local")`, rl/runtime.py) makes every process of the job a
+A local run (`ray.init(address="local")`, rl/cluster/runtime.py) makes every process of the job a
 descendant of the driver: Ray's daemons (gcs_server, raylet, the dashboard, monitors) are its
 children, the actors are children of the raylet, and the reward pool's workers (rewards/pool.py,
 multiprocessing "spawn") are the driver's children. So walking the driver's process tree finds
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import psutil
 
-# Actor classes of this project → role names (rl/rollout_group.py, rl/learner_group.py,
-# rl/teacher.py); any other actor class is its own role, under its class name.
+# Actor classes of this project → role names (rl/cluster/rollout_group.py, rl/cluster/learner_group.py,
+# rl/methods/leaf/teacher.py); any other actor class is its own role, under its class name.
 ACTOR_ROLES = {"VLLMEngine": "engine", "LearnerWorker": "learner", "TeacherWorker": "teacher",
                "IDLE": "ray_idle"}
 # One of each per node: named without an index unless a second one shows up.

@@ -15,7 +15,7 @@ import time
 import torch
 
 from kernels import StatsSpec, attention
-from rl.credit.preplan_anchor import PreplanAnchorParams, attention_credit
+from rl.methods.credit.preplan_anchor import PreplanAnchorParams, attention_credit
 
 
 def timed(fn, reps: int = 5) -> float:

@@ -61,7 +61,7 @@ def run_ours(cfgs: dict, warmup: int, steps: int, direct: bool = True) -> dict:
     also the first config's generation by the same vLLM engine called directly (`Direct`). A
     change of the host's speed during the run then hits every side alike. Returns name →
     figures, and "direct_s"."""
-    from rl.trainer import Trainer
+    from rl.loop.trainer import Trainer
 
     trainers, engine = {}, None
     try:
@@ -106,7 +106,7 @@ def summarise(trainer, cfg, measured: list[dict], n_steps: int) -> dict:
 
 
 def trainer_samples(trainer, step: int):
-    from rl.data import train_samples_at
+    from rl.tasks.data import train_samples_at
 
     n = trainer.alg.prompts_per_step
     return train_samples_at(trainer.task, step * n, n)
@@ -125,7 +125,7 @@ class Direct:
     tokens), on a step's prompts with the same per-prompt seeds."""
 
     def __init__(self, cfg, policy: str):
-        from rl.runtime import engine_config
+        from rl.cluster.runtime import engine_config
         from rollout.vllm_engine import VLLMEngine
 
         self.engine = VLLMEngine(engine_config(cfg, policy, cfg.seed))

@@ -52,7 +52,7 @@ def compose_cfg(overrides: list[str]):
 
 def surprisal(model, examples, pad_id: int) -> torch.Tensor:
     """−log p(token | prefix) of every input token under `model` ([B, T]; 0 at position 0)."""
-    from rl.leaf.examples import batch_tensors
+    from rl.methods.leaf.examples import batch_tensors
 
     t = batch_tensors(examples, pad_id)
     out = model.score({k: t[k] for k in ("input_ids", "attention_mask", "response_mask")})
@@ -62,8 +62,8 @@ def surprisal(model, examples, pad_id: int) -> torch.Tensor:
 def delete_mask(examples, masks: torch.Tensor, texts):
     """Each example with the masked input positions deleted (one collective prune, with the
     spaces beside each span, as LeaF's pruning does)."""
-    from rl.leaf.confounders import glue_whitespace, mask_spans
-    from rl.leaf.examples import counterfactuals
+    from rl.methods.leaf.confounders import glue_whitespace, mask_spans
+    from rl.methods.leaf.examples import counterfactuals
 
     out = []
     for i, ex in enumerate(examples):
@@ -85,16 +85,16 @@ def main() -> None:
     import ray
 
     from rewards import RewardPool
-    from rl.cold_start import load_tokenizer, run_cold_start
-    from rl.data import train_samples_at
+    from rl.loop.cold_start import load_tokenizer, run_cold_start
+    from rl.tasks.data import train_samples_at
     from rl.engine.frozen import FrozenModel
-    from rl.leaf.confounders import confounder_mask, precision_recall_f1, random_mask, top_k_mask
-    from rl.leaf.detect import detect, greedy_correct
-    from rl.leaf.examples import distractor_labels, instruction_example
-    from rl.prompt_format import prompt_format
-    from rl.runtime import init_ray, start_engine, wait_ready
+    from rl.methods.leaf.confounders import confounder_mask, precision_recall_f1, random_mask, top_k_mask
+    from rl.methods.leaf.detect import detect, greedy_correct
+    from rl.methods.leaf.examples import distractor_labels, instruction_example
+    from rl.tasks.prompt_format import prompt_format
+    from rl.cluster.runtime import init_ray, start_engine, wait_ready
     from rl.tasks import get_task
-    from rl.teacher import student_vocab_size, teacher_path
+    from rl.methods.leaf.teacher import student_vocab_size, teacher_path
 
     t0 = time.perf_counter()
     init_ray(cfg.cluster)

@@ -1,6 +1,6 @@
 """The whole loop at Qwen3-0.6B's shape on this machine: what each stage costs and holds.
 
-A model with Qwen3-0.6B's exact architecture (rl/bpe_model.py REAL_SHAPE: 28 layers, head_dim
+A model with Qwen3-0.6B's exact architecture (rl/models/bpe_model.py REAL_SHAPE: 28 layers, head_dim
 128, GQA 16/8, a 151,936-row tied embedding, byte-level BPE, ChatML template, two eos ids;
 random weights) is given to `python -m launch.train` as `model.path`, the way a user's download
 is, on the shipped GSM8K rows, with ≥ 256 new tokens, attention credit from our statistics
@@ -18,7 +18,7 @@ budget), per-actor peak RSS, checkpoint size — goes to benchmarks/results/real
     .venv/bin/python benchmarks/real_shape.py [--max-new-tokens 256] [-- extra overrides]
 
 Not in CI: it takes ~30 min on 2 cores and ~20 GB of RAM. Run it alone: its times are the
-point. (`--small` runs the same script on rl/bpe_model.py's SMALL_SHAPE in ~3 min, to check
+point. (`--small` runs the same script on rl/models/bpe_model.py's SMALL_SHAPE in ~3 min, to check
 the script itself.)
 """
 from __future__ import annotations
@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--interval", type=float, default=2.0, help="RSS sampling period, s")
     ap.add_argument("extra", nargs="*", help="Hydra overrides for both runs (after --)")
     a = ap.parse_args(argv)
-    from rl.bpe_model import REAL_SHAPE, SMALL_SHAPE, build_bpe_model
+    from rl.models.bpe_model import REAL_SHAPE, SMALL_SHAPE, build_bpe_model
 
     spec = SMALL_SHAPE if a.small else REAL_SHAPE
     a.work = a.work.resolve()

@@ -11,7 +11,7 @@ subprocess, unchanged otherwise: the default eval_every / save_every / keep_last
 logger (offline here) are what a real run does (evals, checkpoints written and rotated, W&B
 files growing), which is where a leak would come from. A
 sampler thread (benchmarks/actor_memory.py) reads the process tree every --interval seconds for
-per-role peaks; each time metrics.jsonl (rl/tracking.py, one row per step) reaches a multiple
+per-role peaks; each time metrics.jsonl (rl/loop/tracking.py, one row per step) reaches a multiple
 of --every, one sample row is recorded: RSS (and with --uss, USS) per role, open fds per role,
 bytes under output_dir, checkpoint folders.
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from actor_memory import Sampler, dir_bytes  # noqa: E402
 
 MiB = 2 ** 20
-STEP_DIR = re.compile(r"^step_(\d{6})$")  # rl/checkpoint.py
+STEP_DIR = re.compile(r"^step_(\d{6})$")  # rl/loop/checkpoint.py
 # Roles shown in their own columns (with their index); everything else (Ray's dashboard,
 # agents, monitors, idle workers, the multiprocessing tracker) is summed into `other`.
 MAIN_KINDS = ("driver", "engine", "learner", "teacher", "reward_worker", "raylet", "gcs_server")
@@ -122,7 +122,7 @@ def latest_checkpoint_step(run_dir: Path) -> int:
 
 # --- measuring --------------------------------------------------------------------------------
 def wait_checkpoint_written(run_dir: Path, timeout_s: float = 120.0) -> None:
-    """The step's metrics row is logged before its checkpoint is saved (rl/trainer.py): wait
+    """The step's metrics row is logged before its checkpoint is saved (rl/loop/trainer.py): wait
     for the `.tmp-step_*` folder to be renamed, so disk use is read between saves, not mid-save."""
     end = time.time() + timeout_s
     while time.time() < end and any(n.startswith(".tmp-") for n in checkpoint_dirs(run_dir)):

@@ -24,9 +24,9 @@ def main(cfg: DictConfig) -> str:
     import json
     from pathlib import Path
 
-    from rl.cold_start import run_cold_start
-    from rl.leaf.warm_start import run_distill
-    from rl.runtime import stage_session
+    from rl.loop.cold_start import run_cold_start
+    from rl.methods.leaf.warm_start import run_distill
+    from rl.cluster.runtime import stage_session
 
     if cfg.distill.name == "none":
         raise SystemExit("launch.distill: choose a mode, e.g. distill=leaf teacher=tiny "

@@ -4,7 +4,7 @@
 Why: the credit a training step applies is a function of the learner's attention on that
 step's batch, logged only as shares. This tool replays the scoring forward of one checkpoint
 on a prompt (and a given or generated response), computes WAAD, FAI, the token sets and γ
-exactly as `rl/credit/preplan_anchor.py` does in training, and writes one HTML page and one
+exactly as `rl/methods/credit/preplan_anchor.py` does in training, and writes one HTML page and one
 PNG per sample to read them token by token.
 
     python -m launch.inspect --checkpoint outputs/default/seed0 --task-sample 0
@@ -34,7 +34,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 def resolve_checkpoint(path: str) -> Path:
     """The HF folder to load for PATH (see the module docstring); a clear error otherwise."""
-    from rl.checkpoint import CheckpointManager
+    from rl.loop.checkpoint import CheckpointManager
 
     p = Path(path)
     if not p.exists():
@@ -83,7 +83,7 @@ def _pad_id(tok) -> int:
 def generate(model, tok, prompt_ids: list[int], n: int, temperature: float, max_new_tokens: int,
              images=None) -> list[list[int]]:
     """`n` responses (token ids, ending with EOS when the model stopped there). `images`: a
-    vision-language prompt's `rl.vision.ImageInputs` (its pads already expanded in prompt_ids)."""
+    vision-language prompt's `rl.models.vision.ImageInputs` (its pads already expanded in prompt_ids)."""
     import torch
 
     ids = torch.tensor([prompt_ids], device=model.device)
@@ -124,7 +124,7 @@ def score_batch(model, prompt_ids: list[int], responses: list[list[int]], pad_id
     import torch
 
     from rl.batch import RolloutBatch
-    from rl.data import pad_rows
+    from rl.tasks.data import pad_rows
 
     rows = [prompt_ids + r for r in responses]
     ids = pad_rows(rows, pad_id, torch.long)
@@ -174,7 +174,7 @@ def head_names(stats: dict) -> list[str]:
 
 
 def parse_args(argv):
-    from rl.credit.preplan_anchor import ATTENTION_STRATEGIES
+    from rl.methods.credit.preplan_anchor import ATTENTION_STRATEGIES
 
     ap = argparse.ArgumentParser(prog="python -m launch.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="HF folder, checkpoint step, checkpoints dir or output dir")
@@ -215,13 +215,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from rl.cold_start import num_layers
-    from rl.credit import build
-    from rl.data import encode_prompt
+    from rl.loop.cold_start import num_layers
+    from rl.methods.credit import build
+    from rl.tasks.data import encode_prompt
     from rl.engine.frozen import FrozenModel
     from rl.methods.base import RunInfo
-    from rl.prompt_format import PromptFormat
-    from rl.vision import image_processor_for
+    from rl.tasks.prompt_format import PromptFormat
+    from rl.models.vision import image_processor_for
 
     try:
         hf = resolve_checkpoint(args.checkpoint)
@@ -273,10 +273,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     classes = None
     evidence = "evidence" if images is None else "image"
     if args.vas:
-        from rl.avar.visual_attention import Avar
+        from rl.methods.avar.visual_attention import Avar
         from rl.batch import TOKEN_CLASS
         from rl.config import AvarConfig
-        from rl.data import pad_rows
+        from rl.tasks.data import pad_rows
 
         sample = task_sample(args.task_sample, args.distractors, task) if args.task_sample is not None else None
         prompt_classes = encoded.classes if encoded is not None else prompt_token_classes(tok, prompt, sample)
@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
     """Task token classes of the prompt's tokens: from the sample's labelled segments, or for
     a free prompt, its first line as the system prompt and the rest as the evidence."""
-    from rl.data import encode_prompt
-    from rl.prompt_format import PromptFormat
+    from rl.tasks.data import encode_prompt
+    from rl.tasks.prompt_format import PromptFormat
     from rl.tasks import Sample
 
     if sample is None:
@@ -337,9 +337,9 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str 
     layer."""
     import torch
 
-    from rl.avar.scores import (EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas,
+    from rl.methods.avar.scores import (EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas,
                                 visual_ratio)
-    from rl.data import pad_rows
+    from rl.tasks.data import pad_rows
 
     mass = {layer: st["mass"] for layer, st in stats.items()}
     am = pad_rows([[1] * (len(prompt_ids) + len(r)) for r in responses], 0, torch.bool)
@@ -373,7 +373,7 @@ def run_teacher(hf: Path) -> str:
     config.yaml names it; a tiny teacher is found in that run's cache)."""
     from omegaconf import OmegaConf
 
-    from rl.teacher import teacher_path
+    from rl.methods.leaf.teacher import teacher_path
 
     for parent in Path(hf).resolve().parents:
         if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
@@ -396,10 +396,10 @@ def leaf_views(student: Path, teacher: str, tok, prompt_ids, responses, quantile
     """Per response: the prompt tokens with ĝ_T, ĝ_S, Δ and marks (confounder, distractor),
     computed as LeaF's detection does with that response as the continuation."""
     from rl.engine.frozen import FrozenModel
-    from rl.leaf.confounders import minmax_normalise
-    from rl.leaf.detect import detect
-    from rl.leaf.examples import Example
-    from rl.teacher import student_vocab_size
+    from rl.methods.leaf.confounders import minmax_normalise
+    from rl.methods.leaf.detect import detect
+    from rl.methods.leaf.examples import Example
+    from rl.methods.leaf.teacher import student_vocab_size
 
     vocab = student_vocab_size(str(student), teacher)
     examples = [Example(None, list(prompt_ids), [0] * len(prompt_ids), [True] * len(prompt_ids), r)
@@ -430,7 +430,7 @@ def run_params(hf: Path, strategy: str) -> dict:
 
     from omegaconf import OmegaConf
 
-    from rl.credit import METHODS
+    from rl.methods.credit import METHODS
 
     cls = METHODS[strategy]
     defaults = {f.name: getattr(cls.Params(), f.name) for f in dataclasses.fields(cls.Params)}
@@ -461,7 +461,7 @@ def write_sample(out: Path, i: int, tok, r_ids: list[int], resp_row, gamma_row, 
     """sample_<i>.html (prompt, response, WAAD / FAI / γ views, head groups, parameters; with
     a teacher, LeaF's view of the prompt; with --vas, AVAR's view of the whole sequence) and
     sample_<i>.png (+ sample_<i>_leaf.png, sample_<i>_avar.png)."""
-    from rl.credit.render import credit_html, credit_page, credit_png, table_html, text_html
+    from rl.methods.credit.render import credit_html, credit_page, credit_png, table_html, text_html
 
     pos = resp_row.nonzero(as_tuple=True)[0]
     tokens = [tok.decode([t], skip_special_tokens=False) for t in r_ids]

@@ -22,8 +22,8 @@ register_configs()
 def main(cfg: DictConfig) -> str:
     from pathlib import Path
 
-    from rl.cold_start import run_cold_start
-    from rl.runtime import stage_session
+    from rl.loop.cold_start import run_cold_start
+    from rl.cluster.runtime import stage_session
 
     with stage_session(cfg):
         path = run_cold_start(cfg, Path(cfg.cache_dir), cfg.logger.progress)

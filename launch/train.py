@@ -24,7 +24,7 @@ log = logging.getLogger("launch.train")
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    from rl.trainer import Trainer
+    from rl.loop.trainer import Trainer
 
     sweep_job_output_dir(cfg)
     trainer = Trainer(cfg)
@@ -57,7 +57,7 @@ def sweep_job_output_dir(cfg: DictConfig) -> None:
 
 
 def print_summary(summary: dict, cfg) -> None:
-    from rl.cold_start import cold_start_on
+    from rl.loop.cold_start import cold_start_on
 
     start = "cold-start model" if cold_start_on(cfg) else "given checkpoint"
     lines = [

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from rl.tiny_model import TinyModelSpec
-from rl.tiny_vl import TinyVisionSpec
+from rl.models.tiny_model import TinyModelSpec
+from rl.models.tiny_vl import TinyVisionSpec
 
 
 @dataclass
@@ -23,7 +23,7 @@ class ModelConfig:
     # Qwen2.5-VL instead (text part from `tiny`), for image tasks (conf/model/tiny_vl.yaml).
     vision: Optional[TinyVisionSpec] = None
     dtype: str = "float32"
-    # A folder with a chat template renders prompts with it (rl/prompt_format.py); these keys
+    # A folder with a chat template renders prompts with it (rl/tasks/prompt_format.py); these keys
     # are passed to it (e.g. Qwen3's {enable_thinking: false}).
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     # For a folder WITHOUT a chat template only: text before each prompt / between prompt and
@@ -71,7 +71,7 @@ class ColdStartConfig(SftSchedule):
 @dataclass
 class AvarConfig:
     """AVAR (arXiv 2603.03825; conf/avar/): attention to the evidence against attention to
-    the system prompt, read from the kernels' key-class masses (rl/avar/). The group's choice
+    the system prompt, read from the kernels' key-class masses (rl/methods/avar/). The group's choice
     says which parts run: none | vas (measured at evaluations) | vars (+ VARS reward shaping)
     | agto (+ the AGTO cold start) | agto_vars (both)."""
     name: str = "none"
@@ -219,7 +219,7 @@ class RolloutConfig:
     max_num_batched_tokens: Optional[int] = None  # tokens per engine step; CPU: max(4096, max_model_len)
     max_num_seqs: Optional[int] = None            # sequences per engine step; None = vLLM's 256
     tensor_parallel_size: int = 1     # GPUs one engine shards its model over
-    # Placement (rl/placement.py). None = tensor_parallel_size GPUs when the Ray cluster has
+    # Placement (rl/cluster/placement.py). None = tensor_parallel_size GPUs when the Ray cluster has
     # GPUs, else 0.
     num_gpus_per_engine: Optional[float] = None
     resources_per_engine: Dict[str, float] = field(default_factory=dict)  # custom Ray resources

@@ -247,7 +247,7 @@ def check_rollout(cfg) -> None:
     they start."""
     import torch
 
-    from rl.runtime import engine_config
+    from rl.cluster.runtime import engine_config
 
     r = cfg.rollout
     if r.max_new_tokens < 1 or r.max_new_tokens >= r.max_model_len:
@@ -292,7 +292,7 @@ def check_teacher(cfg) -> None:
 
 def build_credit(cfg):
     """The configured credit method (typed parameters; raises naming a bad key)."""
-    from rl.credit import from_config
+    from rl.methods.credit import from_config
 
     return from_config(cfg)
 

@@ -22,7 +22,7 @@ def ray_session():
     import ray
 
     from rl.config import ClusterConfig
-    from rl.runtime import init_ray
+    from rl.cluster.runtime import init_ray
 
     init_ray(ClusterConfig())
     yield ray
@@ -32,7 +32,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Qwen3 + char tokenizer folder (untied embeddings)."""
-    from rl.tiny_model import build_tiny_model
+    from rl.models.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny")))
 
@@ -41,7 +41,7 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_vl_dir(tmp_path_factory):
     """A tiny Qwen2.5-VL (random LM, glyph-pretrained tower) + char tokenizer with Qwen-VL's
     special tokens + processor."""
-    from rl.tiny_vl import build_tiny_vl_model
+    from rl.models.tiny_vl import build_tiny_vl_model
 
     return str(build_tiny_vl_model(tmp_path_factory.mktemp("tiny_vl")))
 
@@ -49,8 +49,8 @@ def tiny_vl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_small_dir(tmp_path_factory):
     """A small Qwen3 of the kind a download gives: byte-level BPE tokenizer, ChatML chat
-    template, two eos ids in generation_config.json, padded tied vocabulary (rl/bpe_model.py)."""
-    from rl.bpe_model import SMALL_SHAPE, build_bpe_model, task_corpus
+    template, two eos ids in generation_config.json, padded tied vocabulary (rl/models/bpe_model.py)."""
+    from rl.models.bpe_model import SMALL_SHAPE, build_bpe_model, task_corpus
 
     return str(build_bpe_model(tmp_path_factory.mktemp("bpe_small"), SMALL_SHAPE,
                                task_corpus(per_task=300)))

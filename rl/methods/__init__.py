@@ -11,7 +11,7 @@ import importlib
 
 from rl.methods.base import ColdStartObjective, Method
 
-BUILDERS = ("rl.leaf.warm_start", "rl.leaf.online", "rl.avar.visual_attention", "rl.credit")
+BUILDERS = ("rl.methods.leaf.warm_start", "rl.methods.leaf.online", "rl.methods.avar.visual_attention", "rl.methods.credit")
 
 
 def build_methods(cfg) -> list[Method]:

@@ -37,7 +37,7 @@ class RunInfo:
 @dataclass
 class Tools:
     """What a hook may use of the running system (rebuilt after a learner restart)."""
-    learner: Any                  # rl.learner_group.LearnerGroup: score, probe, ...
+    learner: Any                  # rl.cluster.learner_group.LearnerGroup: score, probe, ...
     tok: Any
     temperature: float           # the rollout temperature (scoring forwards use it too)
     # prompts, sampling seeds, first group id → their rollouts, collated and rewarded

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from rl.rollout_queue import RolloutQueue
+from rl.loop.rollout_queue import RolloutQueue
 from rl.tasks.base import stable_hash
-from rl.trainer import Trainer
+from rl.loop.trainer import Trainer
 from tests.e2e.test_pipeline import make_cfg, metrics, run, stop_then_kill
 
 pytestmark = pytest.mark.timeout(3600)

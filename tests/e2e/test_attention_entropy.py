@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from rl.credit.attention_entropy import entropy_gamma, normalised_entropy
-from rl.trainer import Trainer
+from rl.methods.credit.attention_entropy import entropy_gamma, normalised_entropy
+from rl.loop.trainer import Trainer
 from tests.e2e.test_same_numbers import CONF, SMALL
 
 pytestmark = pytest.mark.timeout(3600)

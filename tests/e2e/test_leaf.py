@@ -57,7 +57,7 @@ def hf_greedy_correct(path: str, example: dict, sample) -> bool:
 
     from rewards import resolve
 
-    from rl.cold_start import load_tokenizer
+    from rl.loop.cold_start import load_tokenizer
 
     tok = load_tokenizer(path)
     m = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -72,8 +72,8 @@ def hf_greedy_correct(path: str, example: dict, sample) -> bool:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, ray_session):
     """(cache, student cold start, tiny teacher): trained once for the module."""
-    from rl.cold_start import run_cold_start
-    from rl.teacher import teacher_path
+    from rl.loop.cold_start import run_cold_start
+    from rl.methods.leaf.teacher import teacher_path
 
     tmp = tmp_path_factory.mktemp("leaf")
     cache = str(tmp / "cache")
@@ -89,10 +89,10 @@ def test_kd_through_a_teacher_actor_and_two_learner_ranks_equals_a_float64_refer
     DeepSpeed ranks — equals the same coarsened KL computed here in float64 from the two HF
     checkpoints on the same rows; and the distilled weights moved."""
     from rl.algorithms.losses import forward_kl_topk
-    from rl.cold_start import load_tokenizer
+    from rl.loop.cold_start import load_tokenizer
     from rl.engine.frozen import topk_logprobs
-    from rl.leaf.examples import batch_tensors
-    from rl.leaf.warm_start import batch_rows, run_distill
+    from rl.methods.leaf.examples import batch_tensors
+    from rl.methods.leaf.warm_start import batch_rows, run_distill
     from rl.tasks import get_task
 
     cache, student, teacher = models
@@ -115,9 +115,9 @@ def test_kd_through_a_teacher_actor_and_two_learner_ranks_equals_a_float64_refer
 
 
 def test_leaf_warm_start_validation_filter_then_rl_from_its_checkpoint(tmp_path, models):
-    from rl.leaf.warm_start import run_distill
+    from rl.methods.leaf.warm_start import run_distill
     from rl.tasks import get_task
-    from rl.trainer import Trainer
+    from rl.loop.trainer import Trainer
 
     cache, student, teacher = models
     cfg = leaf_cfg(tmp_path, cache)
@@ -145,23 +145,42 @@ def test_leaf_warm_start_validation_filter_then_rl_from_its_checkpoint(tmp_path,
     # RL starts from the distilled checkpoint: a cache hit on the same keys, not a path; the
     # detection's prompts reach W&B as the `leaf_confounders` table
     # ... with LeaF's RL terms on: (b) KD rows in the update, (c) 2 extra groups of pruned
-    # prompts (2 + 2 groups × 4 samples = 16 rows, 2 minibatches of 8)
+    # prompts (2 + 2 groups × 4 samples = 16 rows, one minibatch: every KD row is trained on
+    # the distilled student's weights, so its KL can be recomputed here from that checkpoint)
+    from rl.methods.leaf.online import LeafInRL
+
+    kd_rows, after_rewards = [], LeafInRL.after_rewards
+
+    def recording(self, batch, step, tools):
+        out = after_rewards(self, batch, step, tools)
+        kd_rows.extend(e.rows for e in out.extra_rows)
+        return out
+
     cfg = leaf_cfg(tmp_path, cache, ["logger=wandb", "leaf=rl", "leaf.kd_coef=0.1",
-                                     "leaf.counterfactual_groups=2"])
-    trainer = Trainer(cfg)
-    try:
-        assert trainer.policy_init == distilled
-        summary = trainer.run()
-    finally:
-        trainer.close()
+                                     "leaf.counterfactual_groups=2", "algorithm.minibatch_size=16"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LeafInRL, "after_rewards", recording)
+        trainer = Trainer(cfg)
+        try:
+            assert trainer.policy_init == distilled
+            summary = trainer.run()
+        finally:
+            trainer.close()
     assert summary["steps"] == 1
     out = Path(cfg.output_dir)
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert m["leaf/kd_rows"] == round(2 * m["leaf/prompts_pruned"])
     assert 0 <= m["leaf/cf_accuracy"] <= 1 and m["leaf/spans_per_prompt"] >= m["leaf/prompts_pruned"]
     assert 0 < m["time/leaf_s"] < m["time/step_s"] and m["time/leaf_share"] > 0
-    if m["leaf/kd_rows"]:
-        assert m["train/kd_kl"] > 0
+    # (b) for real: every prompt carries a distractor, so detection prunes some (a run that
+    # pruned nothing would leave the KD path untested — it fails here instead)
+    assert len(kd_rows) == 1 and m["leaf/kd_rows"] == len(kd_rows[0]["input_ids"]) > 0
+    kd = kd_rows[0]
+    from rl.algorithms.losses import forward_kl_topk
+
+    kl = forward_kl_topk(hf_logprobs(distilled, kd).float(), kd["teacher_ids"], kd["teacher_logprobs"])
+    want = float(kl[kd["response_mask"]].mean())
+    assert m["train/kd_kl"] == pytest.approx(want, rel=1e-4)
     assert {"leaf/precision", "leaf/recall", "leaf/f1"} <= set(m)  # arith labels its distractors
     rows = history(next(next((out / "wandb").glob("offline-run-*")).glob("run-*.wandb")))
     tables = [r for r in rows if r.get("leaf_confounders/_type") == "table-file"]

@@ -31,7 +31,7 @@ from omegaconf import open_dict
 
 from rl.config import register_configs
 from tests.e2e.arith_rows import write_rows
-from rl.trainer import Trainer
+from rl.loop.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()

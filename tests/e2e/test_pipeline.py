@@ -20,8 +20,8 @@ from omegaconf import open_dict
 from rl.config import register_configs
 from tests.e2e.wandb_records import history, run_tags
 from tests.e2e.arith_rows import TEST_ROWS
-from rl.stop_signal import StopOnSignal
-from rl.trainer import Trainer
+from rl.loop.stop_signal import StopOnSignal
+from rl.loop.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -79,7 +79,7 @@ def record_vars_shaping(monkeypatch) -> list:
     of its masses, token classes). A short cold start rarely solves a problem; so that the
     correctness gate is exercised both ways, every other response counts as correct here (the
     verifier is not under test)."""
-    from rl.avar.visual_attention import Avar
+    from rl.methods.avar.visual_attention import Avar
 
     shaped, shape = [], Avar.shape_rewards
 
@@ -123,8 +123,8 @@ def hf_greedy_eval(hf_dir: Path, dataset) -> tuple[float, float, list[list[int]]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rewards.verifiers import resolve
-    from rl.data import encode_prompt
-    from rl.prompt_format import PromptFormat
+    from rl.tasks.data import encode_prompt
+    from rl.tasks.prompt_format import PromptFormat
     from rl.tasks import get_task
 
     cfg = make_cfg(hf_dir.parent / "unused", "unused", dataset)
@@ -306,6 +306,41 @@ def local_heads_by_definition(attn_stats: dict, resp: torch.Tensor, quantile: fl
     return set(sorted(range(len(pool)), key=lambda i: (d[i], i))[:n])
 
 
+def safetensors_bytes(model_dir, auto=None) -> float:
+    """The size of the weight payload the safetensors transport sends, from the model's own
+    parameters (each once, at their dtype): what `sync/bytes` must be."""
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM
+
+    model = (auto or AutoModelForCausalLM).from_pretrained(model_dir, dtype=torch.float32)
+    return float(len(save({n: p.detach().contiguous() for n, p in model.named_parameters()})))
+
+
+def vas_by_definition(model_dir, batch) -> float:
+    """AVAR's VAS (§3.1) of a batch, from float64 eager attention maps: per row, the mean over
+    layers, heads and response tokens of (attention to the evidence) / (attention to the system
+    prompt); then the mean over rows."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.batch import TOKEN_CLASS
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64,
+                                                 attn_implementation="eager").eval()
+    per_row = []
+    for i in range(len(batch)):
+        real = batch.attention_mask[i].bool()
+        ids, classes, resp = (x[i][real] for x in (batch.input_ids, batch.token_classes,
+                                                    batch.response_mask))
+        with torch.no_grad():
+            maps = model(input_ids=ids[None], output_attentions=True).attentions
+        evidence, system = classes == TOKEN_CLASS["evidence"], classes == TOKEN_CLASS["system"]
+        ratios = [float(A[0, h, q, evidence].sum() / A[0, h, q, system].sum())
+                  for A in maps for h in range(A.shape[1]) for q in resp.nonzero()[:, 0].tolist()]
+        if ratios:
+            per_row.append(sum(ratios) / len(ratios))
+    return sum(per_row) / len(per_row)
+
+
 def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dataset, cache_dir,
                                               monkeypatch):
     """credit=coupled: the learner switches to the kernels, the scoring forward returns the
@@ -313,9 +348,12 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
     credit metrics, the time share and the W&B credit table are written. AVAR's VARS rides on
     the same scoring forward (its class masses on all 4 layers, credit's statistics on its 2)
     and VAS is measured at every evaluation."""
-    from rl.credit.preplan_anchor import PreplanAnchorCredit
+    from rl.methods.credit.preplan_anchor import PreplanAnchorCredit
+
+    from rl.methods.avar.visual_attention import Avar
 
     seen = {}  # step → (local heads chosen by the method, local heads by the definition)
+    shares = {}  # step → the token-set shares of the response tokens, from the trace
     weights = PreplanAnchorCredit.weights
 
     def recording_weights(self, batch, stats, step):
@@ -324,10 +362,21 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
         assert sorted(batch.attn_stats) == [0, 1, 2, 3]  # the scoring forward's: every reader's
         seen[step + 1] = (set(self.trace.local_heads),
                           local_heads_by_definition(stats, batch.response_mask, self.p.head_quantile))
+        resp, sets = batch.response_mask.bool(), self.trace.sets
+        shares[step + 1] = {f"credit/{name}_share": float(getattr(sets, name)[resp].sum() / resp.sum())
+                            for name in ("anchor", "preplan", "dominated", "intro")}
         return metrics
+
+    evaluated = []  # the greedy held-out batches AVAR measured VAS on
+    evaluate = Avar.evaluate
+
+    def recording_evaluate(self, batch, tools):
+        evaluated.append(batch)
+        return evaluate(self, batch, tools)
 
     shaped = record_vars_shaping(monkeypatch)
     monkeypatch.setattr(PreplanAnchorCredit, "weights", recording_weights)
+    monkeypatch.setattr(Avar, "evaluate", recording_evaluate)
     out = tmp_path_factory.mktemp("run_coupled")
     cfg = make_cfg(out, cache_dir, dataset, ["steps=2", "credit=coupled", "logger=wandb",
                                              "learner.num_ranks=2",
@@ -336,17 +385,22 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
 
     def inspect(t):
         tr = next(m for m in t.methods if m.name == "credit").trace
-        return tr.gamma.clone(), tr.sets.anchor.clone()
+        return tr.gamma.clone(), tr.sets.anchor.clone(), t.policy_init
 
-    summary, (gamma, anchor) = run(cfg, inspect)
+    summary, (gamma, anchor, policy_init) = run(cfg, inspect)
     assert anchor.any() and (gamma > 1).any() and (gamma >= 1).all()
     m = metrics(out)
     for step in (1, 2):
         row = m[step]
-        assert 0 < row["credit/anchor_share"] <= 1 and 0 < row["credit/preplan_share"] <= 1
+        for key, want in shares[step].items():  # the logged shares are the trace's
+            assert row[key] == pytest.approx(want, rel=1e-6), (step, key)
+        assert shares[step]["credit/anchor_share"] > 0 and shares[step]["credit/preplan_share"] > 0
         assert row["credit/gamma_max"] > 1 and row["credit/gamma_mean"] >= 1
-        assert row["time/stats_s"] > 0 and 0 < row["time/credit_share"] < 1
+        # credit's share of the step: its statistics pass and its own hook
+        assert row["time/credit_share"] == pytest.approx(
+            (row["time/stats_s"] + row["time/credit_s"]) / row["time/step_s"], rel=1e-9)
         assert row["train/grad_norm"] > 0
+        assert row["sync/bytes"] == safetensors_bytes(policy_init)
     # Local heads: the tiny model's captured layers (middle:5 of 4 → [1, 2]) × 2 query heads = a
     # pool of 4, round(0.3 · 4) = 1 local head per step. The method chose what the definition
     # gives, and the logged overlap is |L1 ∩ L2| / |L1 ∪ L2| of those choices.
@@ -370,9 +424,19 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
         assert m[step]["eval/vas_response"] > 0 and m[step]["eval/vas_query"] > 0
         per_layer = [m[step][f"eval/vas_response_L{i}"] for i in range(4)]
         assert m[step]["eval/vas_response"] == pytest.approx(sum(per_layer) / 4, rel=1e-5)
+    # VAS before RL, by its definition on float64 eager maps of the policy RL started from
+    assert len(evaluated) == 2  # steps 0 and 2
+    assert m[0]["eval/vas_response"] == pytest.approx(vas_by_definition(policy_init, evaluated[0]),
+                                                      rel=1e-4)
     assert summary["cold_start_vas"] == m[0]["eval/vas_response"]
     assert summary["final_vas"] == m[2]["eval/vas_response"]
-    assert 0 < m[1]["time/vars_share"] < 1 and m[1]["vars/r_visual_max"] >= m[1]["vars/r_visual_min"]
+    assert m[1]["time/vars_share"] == pytest.approx(
+        (m[1]["time/stats_s"] + m[1]["time/vars_s"]) / m[1]["time/step_s"], rel=1e-9)
+    for step, (before, after, correct, _, _) in zip((1, 2), shaped):  # the logged raw range
+        raw = ((after - before) / 0.3)[correct]                       # is the bonus's / λ_v
+        for name in ("min", "mean", "max"):
+            assert m[step][f"vars/r_visual_{name}"] == pytest.approx(float(getattr(raw, name)()),
+                                                                    rel=1e-5), (step, name)
     plots = [r for r in rows if r.get("eval/vas_by_layer_table/_type") == "table-file"]
     assert [r["eval/vas_by_layer_table/nrows"] for r in plots] == [8, 8]  # 4 layers × 2 lines, steps 0, 2
 
@@ -397,7 +461,7 @@ class Recording:
 
 def test_the_learner_hands_the_gpu_over_in_order(ray_session, tmp_path_factory, dataset,
                                                  cache_dir):
-    """The colocated mode's order, through the real trainer (rl/gpu_sharing.py): after the
+    """The colocated mode's order, through the real trainer (rl/cluster/gpu_sharing.py): after the
     update the learner's optimizer state leaves (learner.offload_between_updates, DeepSpeed's
     offload_states; CPU → CPU here) *before* the weight sync, which on a GPU wakes the engines
     (the sync used to come first); a checkpoint brings the state back with the engines asleep

@@ -1,5 +1,5 @@
 """A user's checkpoint through the whole loop: a small Qwen3 folder of the kind a download gives
-(byte-level BPE, ChatML chat template, two eos ids, padded tied vocabulary; rl/bpe_model.py)
+(byte-level BPE, ChatML chat template, two eos ids, padded tied vocabulary; rl/models/bpe_model.py)
 given as model.path, and a conversational JSONL (`messages` with a system and a user turn).
 
 RL starts from the given weights (no cold-start SFT by default), prompts are rendered by the
@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from rl.batch import TOKEN_CLASS
 from rl.config import register_configs
 from rl.tasks.arith import column_steps
-from rl.trainer import Trainer
+from rl.loop.trainer import Trainer
 from tests.e2e.arith_rows import ROWS, TEST_ROWS
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")

@@ -23,7 +23,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from rl.config import register_configs
-from rl.trainer import Trainer
+from rl.loop.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 REFERENCE = Path(__file__).with_name("same_numbers.json")

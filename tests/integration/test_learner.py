@@ -7,8 +7,8 @@ import torch
 
 from rl.algorithms.losses import PolicyLossConfig
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
-from rl.tiny_model import build_char_tokenizer
+from rl.cluster.learner_group import LearnerGroup
+from rl.models.tiny_model import build_char_tokenizer
 from rl.algorithms.losses import PolicyLoss
 from rl.algorithms.losses import SftLoss
 

@@ -5,7 +5,7 @@ import ray
 import torch
 
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
+from rl.cluster.learner_group import LearnerGroup
 from tests.integration.test_learner import sft_batch
 from rl.algorithms.losses import SftLoss
 

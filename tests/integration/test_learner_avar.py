@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.avar.scores import EVIDENCE, SYSTEM, AgtoConfig
-from rl.avar.agto import agto_inputs
-from rl.data import collate_sft, encode_prompt
+from rl.methods.avar.scores import EVIDENCE, SYSTEM, AgtoConfig
+from rl.methods.avar.agto import agto_inputs
+from rl.tasks.data import collate_sft, encode_prompt
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
+from rl.cluster.learner_group import LearnerGroup
 from rl.tasks import get_task
-from rl.tiny_model import build_char_tokenizer
-from rl.avar.agto import AgtoLoss
+from rl.models.tiny_model import build_char_tokenizer
+from rl.methods.avar.agto import AgtoLoss
 from rl.algorithms.losses import SftLoss
 
 
@@ -78,7 +78,7 @@ def test_agto_loss_on_two_zero3_ranks_equals_the_eager_formula(group, tiny_model
 
 
 def test_scoring_forward_class_masses_equal_eager_maps(group, tiny_model_dir):
-    from rl.avar.scores import key_classes
+    from rl.methods.avar.scores import key_classes
 
     b = sft_rows(5)
     kc = key_classes(b.pop("token_classes"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
-from rl.remote_calls import LearnerFailure
+from rl.cluster.learner_group import LearnerGroup
+from rl.cluster.remote_calls import LearnerFailure
 
 TIMEOUT_S = 8.0
 

@@ -10,14 +10,14 @@ import torch
 from rl.algorithms.losses import PolicyLossConfig
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.engine.frozen import FrozenModel
-from rl.leaf.examples import batch_tensors, instruction_example
-from rl.learner_group import LearnerGroup
+from rl.methods.leaf.examples import batch_tensors, instruction_example
+from rl.cluster.learner_group import LearnerGroup
 from rl.tasks import get_task
-from rl.teacher import TeacherGroup
-from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
+from rl.methods.leaf.teacher import TeacherGroup
+from rl.models.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 from rl.algorithms.losses import DistillTerm
 from rl.algorithms.losses import DistillLoss, TopKTargets
-from rl.leaf.detect import InputGradNorms
+from rl.methods.leaf.detect import InputGradNorms
 from rl.algorithms.losses import PolicyLoss
 
 KEYS = ("input_ids", "attention_mask", "response_mask")

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
+from rl.cluster.learner_group import LearnerGroup
 from tests.integration.test_learner import sft_batch
 from rl.algorithms.losses import SftLoss
 

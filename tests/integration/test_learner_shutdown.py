@@ -6,7 +6,7 @@ built a new one over it)."""
 import psutil
 
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
+from rl.cluster.learner_group import LearnerGroup
 from tests.integration.recording_transport import RecordingTransport
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import ray
 from omegaconf import OmegaConf
-from rl.runtime import init_ray
+from rl.cluster.runtime import init_ray
 init_ray(OmegaConf.create({"name": "local", "address": None, "num_cpus": 3, "object_store_gb": 0.5}))
 print("CPUS", ray.cluster_resources()["CPU"])
 print("STORE", ray.cluster_resources()["object_store_memory"])

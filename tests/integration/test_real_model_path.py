@@ -1,4 +1,4 @@
-"""A checkpoint shaped like a download (rl/bpe_model.py: byte-level BPE, ChatML template, two
+"""A checkpoint shaped like a download (rl/models/bpe_model.py: byte-level BPE, ChatML template, two
 eos ids in generation_config.json, a tied vocabulary padded beyond the tokenizer) through the
 rollout engine and the learner's model loading.
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 import torch
 
-from rl.bpe_model import ENDOFTEXT, IM_END
+from rl.models.bpe_model import ENDOFTEXT, IM_END
 from rl.engine.frozen import NEVER, load_model
 from rollout.vllm_engine import EngineConfig, VLLMEngine, unsampled_ids
 

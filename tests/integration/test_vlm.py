@@ -8,14 +8,14 @@ import pytest
 import ray
 import torch
 
-from rl.avar.scores import EVIDENCE, SYSTEM, key_classes
+from rl.methods.avar.scores import EVIDENCE, SYSTEM, key_classes
 from rl.batch import TOKEN_CLASS
-from rl.data import collate_rollouts, collate_sft, encode_prompt
+from rl.tasks.data import collate_rollouts, collate_sft, encode_prompt
 from rl.engine.deepspeed_engine import DSEngineConfig
 from rl.engine.frozen import image_kwargs, load_model
-from rl.learner_group import LearnerGroup
+from rl.cluster.learner_group import LearnerGroup
 from rl.tasks import get_task
-from rl.vision import image_processor_for
+from rl.models.vision import image_processor_for
 from rollout.vllm_engine import EngineConfig, VLLMEngine, image_placeholder_ids
 from rl.algorithms.losses import SftLoss
 

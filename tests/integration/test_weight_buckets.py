@@ -4,7 +4,7 @@ sent them (float32), and unlike it did before."""
 import ray
 import torch
 
-from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
+from rl.models.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 from rollout.vllm_engine import EngineConfig, VLLMEngine
 from rollout.weight_sync import get_transport
 

@@ -5,8 +5,8 @@ import ray
 import torch
 
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup
-from rl.tiny_model import build_char_tokenizer
+from rl.cluster.learner_group import LearnerGroup
+from rl.models.tiny_model import build_char_tokenizer
 from rollout.vllm_engine import EngineConfig, VLLMEngine
 from rl.algorithms.losses import SftLoss
 
@@ -66,7 +66,7 @@ def test_tied_embeddings_stay_in_sync(ray_session, tmp_path):
     CPU logits GEMM reads a packed copy made at start-up. Before the fix the engine kept
     sampling from the initial output embeddings: the gap grew 0.42 → 2.45 over 6 syncs here.
     Now it stays at the untied level (~5e-7) over 6 updates and syncs."""
-    from rl.tiny_model import TinyModelSpec, build_tiny_model
+    from rl.models.tiny_model import TinyModelSpec, build_tiny_model
 
     path = str(build_tiny_model(tmp_path / "tied", TinyModelSpec(tie_word_embeddings=True)))
     engine = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(path))

@@ -1,4 +1,4 @@
-"""AVAR's quantities (rl/avar/scores.py) against eager attention maps in float64.
+"""AVAR's quantities (rl/methods/avar/scores.py) against eager attention maps in float64.
 
 A tiny Qwen3 (built from a config, its matrices redrawn from a local generator) reads real
 arith prompts ⊕ worked solutions tokenized by the project's character tokenizer, so the token
@@ -17,12 +17,12 @@ import transformers
 
 from kernels import StatsSpec
 from kernels.capture import AttentionCapture
-from rl.avar.scores import (EVIDENCE, SYSTEM, agto_loss, check_classes, key_classes,
+from rl.methods.avar.scores import (EVIDENCE, SYSTEM, agto_loss, check_classes, key_classes,
                             normalise_visual, r_visual, user_query_mask, vas)
 from rl.batch import TOKEN_CLASS
-from rl.data import collate_sft, encode_prompt
+from rl.tasks.data import collate_sft, encode_prompt
 from rl.tasks import get_task
-from rl.tiny_model import build_char_tokenizer
+from rl.models.tiny_model import build_char_tokenizer
 
 EPS = 1e-6
 

@@ -1,11 +1,11 @@
-"""The Qwen3-shaped model with a byte-level BPE tokenizer and a ChatML template (rl/bpe_model.py),
+"""The Qwen3-shaped model with a byte-level BPE tokenizer and a ChatML template (rl/models/bpe_model.py),
 checked the way a downloaded checkpoint is used: loaded through transformers' Auto classes,
 its template against ChatML written out by hand, its parameter count against Qwen3-0.6B's
 architecture worked out by hand."""
 import pytest
 import torch
 
-from rl.bpe_model import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, REAL_SHAPE, SPECIAL_TOKENS,
+from rl.models.bpe_model import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, REAL_SHAPE, SPECIAL_TOKENS,
                           SMALL_SHAPE as SMALL, build_bpe_model, model_config, task_corpus)
 
 

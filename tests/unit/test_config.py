@@ -88,7 +88,7 @@ def test_cross_field_checks_name_the_key():
 
 
 def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch, tmp_path):
-    import rl.trainer as trainer
+    import rl.loop.trainer as trainer
 
     def must_not_start(*_):
         raise AssertionError("Ray was started before the config was validated")
@@ -274,12 +274,12 @@ def test_steps_zero_and_keep_all_are_valid():
 def test_stage_entry_points_check_the_layer_range_before_ray(tmp_path, monkeypatch):
     """launch.sft / launch.distill (stage_session): a layer beyond the model fails before Ray
     starts, as it does for launch.train."""
-    import rl.runtime
+    import rl.cluster.runtime
 
     started = []
-    monkeypatch.setattr(rl.runtime, "init_ray", started.append)  # records; starts nothing
+    monkeypatch.setattr(rl.cluster.runtime, "init_ray", started.append)  # records; starts nothing
     cfg = load([f"cache_dir={tmp_path}", f"output_dir={tmp_path}/out", "avar.layers='7'"])
     with pytest.raises(ValueError, match=r"avar.layers: layer indices \[7\] out of range for 4 layers"):
-        with rl.runtime.stage_session(cfg):
+        with rl.cluster.runtime.stage_session(cfg):
             pass
     assert started == []

@@ -1,4 +1,4 @@
-"""Attention-entropy reweighting (rl/credit/attention_entropy.py): γ on a hand-worked case, and γ
+"""Attention-entropy reweighting (rl/methods/credit/attention_entropy.py): γ on a hand-worked case, and γ
 from the kernels' statistics equal to a float64 computation from eager attention maps."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kernels import StatsSpec
 from kernels.capture import AttentionCapture
 from kernels.hf_hook import install
 from rl.batch import RolloutBatch
-from rl.credit import build
+from rl.methods.credit import build
 from rl.methods.base import RunInfo
 
 

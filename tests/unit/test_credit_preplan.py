@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from rl.batch import RolloutBatch
-from rl.credit import build
-from rl.credit.preplan_anchor import (PreplanAnchorParams, attention_credit, gamma_from_sets, head_groups,
+from rl.methods.credit import build
+from rl.methods.credit.preplan_anchor import (PreplanAnchorParams, attention_credit, gamma_from_sets, head_groups,
                                       next_delta, row_quantile, top_q_mask, token_sets)
 
 P = PreplanAnchorParams()

@@ -5,15 +5,15 @@ actor starts. Each case is worked by hand from the rule it checks."""
 import pytest
 
 from rl.config_checks import check_config
-from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
-from rl.placement import check_transport_placement
+from rl.cluster.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
+from rl.cluster.placement import check_transport_placement
 from rollout.vllm_engine import EngineConfig, memory_utilization
 from tests.unit.test_config import load
 
 
 class Recorded:
     """Our learner and rollout groups' GPU-sharing calls, recorded in the order made (stand-ins
-    for rl.learner_group.LearnerGroup / rl.rollout_group.RolloutGroup; the real groups run in
+    for rl.cluster.learner_group.LearnerGroup / rl.cluster.rollout_group.RolloutGroup; the real groups run in
     tests/integration and tests/e2e)."""
 
     def __init__(self, sleep_level: int = 1):

@@ -1,4 +1,4 @@
-"""Credit pictures (rl/credit/render.py) and the `launch.inspect` tool end to end on a tiny model."""
+"""Credit pictures (rl/methods/credit/render.py) and the `launch.inspect` tool end to end on a tiny model."""
 import html
 import json
 import re
@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from rl.credit.render import credit_html, credit_page, credit_png
+from rl.methods.credit.render import credit_html, credit_page, credit_png
 
 TOKENS = ["<script>", "&", ">", " ", "a\n", "b"]
 VALUES = {"WAAD": [0.1, 2.5, -3.0, 7.25, 1e-07, 0.3333333333333333],
@@ -130,10 +130,10 @@ def test_inspect_with_a_teacher_draws_leafs_view_of_the_prompt(tiny_model_dir, t
     marks; the distractor marks are the task's labelled character spans (one char = one token)."""
     from launch.inspect import main, task_prompt, task_sample
     from rl.engine.frozen import FrozenModel
-    from rl.leaf.detect import detect
-    from rl.leaf.examples import Example
-    from rl.teacher import student_vocab_size
-    from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
+    from rl.methods.leaf.detect import detect
+    from rl.methods.leaf.examples import Example
+    from rl.methods.leaf.teacher import student_vocab_size
+    from rl.models.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 
     teacher = str(build_tiny_model(tmp_path / "teacher", TinyModelSpec(seed=7)))
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""LeaF confounder detection (rl/leaf/confounders.py) on hand-worked rows, values written out.
+"""LeaF confounder detection (rl/methods/leaf/confounders.py) on hand-worked rows, values written out.
 
 The quantile rule is the authors' (RUCBM/LeaF remove_confounding_tokens_*.py): the threshold is
 sorted(Δ)[int(n·q)], capped at 0.5. Random data is drawn from a local torch.Generator only.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.leaf.confounders import (candidate_mask, confounder_mask, mask_spans, minmax_normalise,
+from rl.methods.leaf.confounders import (candidate_mask, confounder_mask, mask_spans, minmax_normalise,
                                  precision_recall_f1, prune, random_mask, sensitivity_difference,
                                  top_k_mask)
 
@@ -296,7 +296,7 @@ def test_confounder_mask_matches_literal_sorted_index_rule(q):
 
 
 def test_glue_whitespace_takes_the_space_before_or_else_after_and_merges():
-    from rl.leaf.confounders import glue_whitespace
+    from rl.methods.leaf.confounders import glue_whitespace
 
     # "Add.\nx=347 347+285 (note 9)\n" character by character
     texts = list("Add.\nx=347 347+285 (note 9)\n")

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 from rl.algorithms.losses import distill_loss, forward_kl, forward_kl_topk
 from rl.engine.frozen import FrozenModel, next_token_logprobs, topk_logprobs
-from rl.leaf.detect import InputGradNorms, input_grad_norms
-from rl.leaf.detect import detect
-from rl.leaf.examples import batch_tensors, counterfactuals, instruction_example, response_example
-from rl.prompt_format import PromptFormat
+from rl.methods.leaf.detect import InputGradNorms, input_grad_norms
+from rl.methods.leaf.detect import detect
+from rl.methods.leaf.examples import batch_tensors, counterfactuals, instruction_example, response_example
+from rl.tasks.prompt_format import PromptFormat
 from rl.tasks import get_task
-from rl.teacher import student_vocab_size
-from rl.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
+from rl.methods.leaf.teacher import student_vocab_size
+from rl.models.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 
 
 @pytest.fixture(scope="module")

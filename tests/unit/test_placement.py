@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from rl.placement import actor_resources, bundle, rank_env
-from rl.stop_signal import StopOnSignal
+from rl.cluster.placement import actor_resources, bundle, rank_env
+from rl.loop.stop_signal import StopOnSignal
 
 
 def test_rank_env_on_two_nodes_interleaved():

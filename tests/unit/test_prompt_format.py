@@ -1,4 +1,4 @@
-"""Prompts rendered the way a real checkpoint expects them (rl/prompt_format.py): through the
+"""Prompts rendered the way a real checkpoint expects them (rl/tasks/prompt_format.py): through the
 folder's chat template, for plain and conversational rows, with the token classes AVAR and LeaF
 read placed on the sample's own text. References are independent: transformers'
 `apply_chat_template` for the ids, the row's own strings for the classes."""
@@ -7,9 +7,9 @@ import json
 import pytest
 
 from rl.batch import TOKEN_CLASS
-from rl.bpe_model import SMALL_SHAPE, build_bpe_model, task_corpus
-from rl.data import encode_prompt
-from rl.prompt_format import PromptFormat, prompt_format
+from rl.models.bpe_model import SMALL_SHAPE, build_bpe_model, task_corpus
+from rl.tasks.data import encode_prompt
+from rl.tasks.prompt_format import PromptFormat, prompt_format
 from rl.tasks import get_task
 from rl.tasks.jsonl import DatasetError
 
@@ -124,7 +124,7 @@ def test_prompt_format_refuses_prefixes_beside_a_template_and_kwargs_without_one
     assert prompt_format(model(), tok) == PromptFormat(chat_template=True)
     with pytest.raises(ValueError, match="prompt_prefix/response_prefix stand in"):
         prompt_format(model(prompt_prefix="<|im_start|>user\n"), tok)
-    from rl.tiny_model import build_char_tokenizer
+    from rl.models.tiny_model import build_char_tokenizer
 
     with pytest.raises(ValueError, match="no chat template"):
         prompt_format(model(chat_template_kwargs={"enable_thinking": False}), build_char_tokenizer())

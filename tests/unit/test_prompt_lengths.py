@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from rl.data import check_prompt_lengths, encode_prompt
+from rl.tasks.data import check_prompt_lengths, encode_prompt
 from rl.tasks import get_task
-from rl.tiny_model import build_char_tokenizer
+from rl.models.tiny_model import build_char_tokenizer
 
 
 def test_overlong_row_is_named_by_file_and_line(tmp_path):

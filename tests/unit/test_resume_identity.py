@@ -3,7 +3,7 @@ outputs/default/seed0 unless named): the keys that differ are named, before any 
 import pytest
 from omegaconf import OmegaConf
 
-from rl.checkpoint import check_same_run
+from rl.loop.checkpoint import check_same_run
 from tests.unit.test_config import load
 
 

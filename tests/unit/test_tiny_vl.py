@@ -9,8 +9,8 @@ import random
 import torch
 
 from rl.tasks.image_arith import GLYPHS, draw_expression
-from rl.tiny_model import TinyModelSpec
-from rl.tiny_vl import TinyVisionSpec, build_image_processor, build_tiny_vl_model
+from rl.models.tiny_model import TinyModelSpec
+from rl.models.tiny_vl import TinyVisionSpec, build_image_processor, build_tiny_vl_model
 
 
 def glyph_features(tower, strips, rng):

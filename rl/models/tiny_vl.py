@@ -1,6 +1,6 @@
 """A tiny Qwen2.5-VL built from a config (no download): the vision-language model of AVAR.
 
-Same idea as `rl/tiny_model.py` (a character tokenizer; head_dim 64 for vLLM's CPU attention),
+Same idea as `rl/models/tiny_model.py` (a character tokenizer; head_dim 64 for vLLM's CPU attention),
 plus a small vision tower and the processor files vLLM reads from the model folder. The
 tokenizer gets Qwen-VL's special tokens; a prompt carries ONE `<|image_pad|>` per image, which
 vLLM expands itself and the learner expands by `expand_image_pads` (ENVIRONMENT.md: ids that
@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.tiny_model import TinyModelSpec, build_char_tokenizer
+from rl.models.tiny_model import TinyModelSpec, build_char_tokenizer
 from rl.tasks.base import IMAGE_PAD, VISION_END, VISION_START
 
 VL_SPECIAL = ["<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD,

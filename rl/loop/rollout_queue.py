@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from rl.rollout_group import Generation, RolloutGroup
+from rl.cluster.rollout_group import Generation, RolloutGroup
 from rollout.vllm_engine import Completion
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from rl.placement import bundle, kill_and_wait, reserve
-from rl.remote_calls import ActorFailure, get_all
+from rl.cluster.placement import bundle, kill_and_wait, reserve
+from rl.cluster.remote_calls import ActorFailure, get_all
 from rollout.vllm_engine import StaleWeights, VLLMEngine
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """LeaF stage 1 on real models: sensitivities from the teacher and the student, Δ, confounders.
 
 `teacher` and `student` are anything that runs a Probe (rl/engine/base.py) — the teacher's
-actors (rl/teacher.py), the learner group, a FrozenModel: the same scoring boundary, so the
+actors (rl/methods/leaf/teacher.py), the learner group, a FrozenModel: the same scoring boundary, so the
 same code runs with a 1M-parameter teacher on a CPU and a 70B one on its own GPUs.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from rewards import RewardItem
 from rl.engine.base import Probe
-from rl.leaf.confounders import (candidate_mask, confounder_mask, glue_whitespace, mask_spans,
+from rl.methods.leaf.confounders import (candidate_mask, confounder_mask, glue_whitespace, mask_spans,
                                  sensitivity_difference)
-from rl.leaf.examples import Example, batch_tensors, counterfactuals
+from rl.methods.leaf.examples import Example, batch_tensors, counterfactuals
 
 SCORING_KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -115,7 +115,7 @@ def log_leaf_table(tracker, records: list[dict], step: int) -> None:
     """Prompts LeaF's detection saw (before RL: the distillation's; during RL: the step's),
     each token coloured by Δ (low Δ: the student leans on it, the teacher does not),
     confounders and labelled distractors marked (`leaf_confounders`)."""
-    from rl.credit.render import credit_html
+    from rl.methods.credit.render import credit_html
 
     rows = [[d["uid"], sum(d["confounder"]),
              credit_html(d["tokens"], {"Δ": d["delta"]},

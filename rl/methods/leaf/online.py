@@ -24,13 +24,13 @@ import torch
 
 from rl.algorithms.losses import DistillTerm, TopKTargets
 from rl.batch import RolloutBatch
-from rl.data import EncodedPrompt
-from rl.leaf.confounders import precision_recall_f1
-from rl.leaf.detect import Detection, detect, log_leaf_table, records
-from rl.leaf.examples import Example, batch_tensors, counterfactuals, distractor_labels
+from rl.tasks.data import EncodedPrompt
+from rl.methods.leaf.confounders import precision_recall_f1
+from rl.methods.leaf.detect import Detection, detect, log_leaf_table, records
+from rl.methods.leaf.examples import Example, batch_tensors, counterfactuals, distractor_labels
 from rl.methods.base import AfterRewards, ExtraRows, Method, Tools
 from rl.tasks.base import stable_hash
-from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
+from rl.methods.leaf.teacher import TeacherGroup, student_vocab_size, teacher_path
 
 KD_KEYS = ("input_ids", "attention_mask", "response_mask")
 

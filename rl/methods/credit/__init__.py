@@ -31,7 +31,7 @@ class CreditMethod(Method):
 
     Params: type = NoParams
     name = "credit"
-    trace = None  # the last batch's trace (rl/credit/preplan_anchor.py CreditTrace), if kept
+    trace = None  # the last batch's trace (rl/methods/credit/preplan_anchor.py CreditTrace), if kept
 
     def __init__(self, strategy: str, params: Any, seed: int = 0, stats_layers: str = "middle:5"):
         self.strategy, self.p, self.seed = strategy, params, seed
@@ -71,7 +71,7 @@ class CreditMethod(Method):
         return self.weights(batch, own_layers(batch.attn_stats, self.layers), step)
 
     def draw(self, tracker, tok, batch: RolloutBatch, rows: int, step: int) -> None:
-        from rl.credit.render import log_credit_table
+        from rl.methods.credit.render import log_credit_table
 
         log_credit_table(tracker, tok, batch, self.trace, rows, step)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from rl.batch import TOKEN_CLASS
-from rl.data import encode_prompt, pad_rows
-from rl.prompt_format import PLAIN, PromptFormat
-from rl.leaf.confounders import prune
+from rl.tasks.data import encode_prompt, pad_rows
+from rl.tasks.prompt_format import PLAIN, PromptFormat
+from rl.methods.leaf.confounders import prune
 from rl.tasks import Sample
 
 Span = tuple[int, int]

@@ -5,5 +5,5 @@ in RL (VARS). All three read the fused kernels' key-class masses: no eager atten
 
 `scores.py` holds the pure formulas; `visual_attention.py` the RL loop's part (what the
 scoring forward must capture, VARS on a scored batch, VAS on an evaluated batch). AGTO is the
-cold start's `objective=agto` (rl/cold_start.py → `AgtoLoss`, rl/avar/agto.py).
+cold start's `objective=agto` (rl/loop/cold_start.py → `AgtoLoss`, rl/methods/avar/agto.py).
 """

@@ -1,7 +1,7 @@
 """The RL loop, one readable step at a time.
 
     prompts → rollouts (vLLM engines; with rollout.async_steps=k started up to k steps early,
-    rl/rollout_queue.py) → rewards (worker pool) → the methods' extra rows → scoring forward
+    rl/loop/rollout_queue.py) → rewards (worker pool) → the methods' extra rows → scoring forward
     (old logprobs, entropy, the attention statistics methods ask for) → the methods' reward
     shaping → advantages × the methods' token weights γ_t → minibatch updates (DeepSpeed; the
     policy loss with the methods' extra terms) → weight sync → held-out eval → checkpoint
@@ -28,25 +28,25 @@ from rl.algorithms.advantages import compute_advantages
 from rl.algorithms.losses import PolicyLoss, PolicyLossConfig
 from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
 from rl.batch import RolloutBatch
-from rl.checkpoint import CheckpointManager, check_same_run
-from rl.cold_start import base_model_path, load_tokenizer, num_layers, run_cold_start
+from rl.loop.checkpoint import CheckpointManager, check_same_run
+from rl.loop.cold_start import base_model_path, load_tokenizer, num_layers, run_cold_start
 from rl.config_checks import check_config, check_layers, overlong_config
-from rl.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
-from rl.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
+from rl.tasks.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
+from rl.cluster.gpu_sharing import learner_alone, shares_gpu, start_both, to_engines, to_learner
 from rl.methods import build_methods, scoring_request
 from rl.methods.base import ExtraRows, Method, RunInfo, Tools
-from rl.placement import check_shared_dirs, check_transport_placement
-from rl.prompt_format import prompt_format
-from rl.remote_calls import LearnerFailure
-from rl.rollout_group import Generation
-from rl.rollout_queue import RolloutQueue
-from rl.runtime import (engine_gpus, init_ray, learner_gpus, start_engines, start_learner,
+from rl.cluster.placement import check_shared_dirs, check_transport_placement
+from rl.tasks.prompt_format import prompt_format
+from rl.cluster.remote_calls import LearnerFailure
+from rl.cluster.rollout_group import Generation
+from rl.loop.rollout_queue import RolloutQueue
+from rl.cluster.runtime import (engine_gpus, init_ray, learner_gpus, start_engines, start_learner,
                         write_placement)
-from rl.stop_signal import StopOnSignal
+from rl.loop.stop_signal import StopOnSignal
 from rl.tasks import get_task
 from rl.tasks.base import stable_hash
-from rl.tracking import Tracker
-from rl.vision import image_processor_for
+from rl.loop.tracking import Tracker
+from rl.models.vision import image_processor_for
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Trainer:
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """Policy `version` into the engines — after the learner's optimizer state has left a
-        GPU they share (rl/gpu_sharing.py; a no-op otherwise)."""
+        GPU they share (rl/cluster/gpu_sharing.py; a no-op otherwise)."""
         return to_engines(self.learner, self.engines, version)
 
     def recover_learner(self, err: LearnerFailure) -> None:
@@ -266,7 +266,7 @@ class Trainer:
                                             r.temperature, r.top_p, r.max_new_tokens, seeds)
 
     def generate(self, prompts, n: int, temperature: float, seeds=None):
-        """n completions per prompt, in prompt order (rl/rollout_group.py splits them over the
+        """n completions per prompt, in prompt order (rl/cluster/rollout_group.py splits them over the
         engines and survives a dead one)."""
         r = self.cfg.rollout
         return self.engines.generate([p.request for p in prompts], n, temperature, r.top_p,

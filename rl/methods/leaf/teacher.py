@@ -30,7 +30,7 @@ def teacher_path(cfg, cache: Path, progress: bool = True) -> str | None:
         return None
     if t.name == "hf":
         return t.path
-    from rl.cold_start import run_cold_start
+    from rl.loop.cold_start import run_cold_start
 
     tcfg = OmegaConf.merge(cfg, {
         "model": {"path": None, "tiny": OmegaConf.to_container(t.tiny, resolve=True)},

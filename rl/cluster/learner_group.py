@@ -18,8 +18,8 @@ from ray.exceptions import RayError
 
 from rl.engine.base import Loss
 from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, release_cached_memory
-from rl.placement import bundle, kill_and_wait, rank_env, rendezvous_port, reserve, where_am_i
-from rl.remote_calls import ActorFailure, LearnerFailure, get_all
+from rl.cluster.placement import bundle, kill_and_wait, rank_env, rendezvous_port, reserve, where_am_i
+from rl.cluster.remote_calls import ActorFailure, LearnerFailure, get_all
 from rollout.weight_sync import WeightTransport, get_transport
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def shard_rows(n: int, parts: int) -> list[np.ndarray]:
 class LearnerGroup:
     """`num_ranks` ranks in one placement group (PACK: as few nodes as possible, so the
     collectives stay on-node where they can). Every call waits at most `call_timeout_s`; a dead
-    or silent rank raises `rl.remote_calls.ActorFailure` (the trainer restarts the group from
+    or silent rank raises `rl.cluster.remote_calls.ActorFailure` (the trainer restarts the group from
     its last checkpoint)."""
 
     def __init__(self, cfg: DSEngineConfig, num_ranks: int = 1, num_cpus_per_rank: float = 0.5,

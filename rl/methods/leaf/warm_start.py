@@ -23,17 +23,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rewards import RewardPool
-from rl.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at
+from rl.loop.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at
 from rl.algorithms.losses import DistillLoss, TopKTargets
-from rl.data import train_samples_at
-from rl.leaf.confounders import precision_recall_f1
-from rl.leaf.detect import detect, greedy_correct, log_leaf_table, prune_detected, records
+from rl.tasks.data import train_samples_at
+from rl.methods.leaf.confounders import precision_recall_f1
+from rl.methods.leaf.detect import detect, greedy_correct, log_leaf_table, prune_detected, records
 from rl.methods.base import Method
-from rl.prompt_format import prompt_format
-from rl.leaf.examples import (Example, batch_tensors, distractor_labels, instruction_example,
+from rl.tasks.prompt_format import prompt_format
+from rl.methods.leaf.examples import (Example, batch_tensors, distractor_labels, instruction_example,
                               response_example)
 from rl.tasks import get_task
-from rl.teacher import TeacherGroup, student_vocab_size, teacher_path
+from rl.methods.leaf.teacher import TeacherGroup, student_vocab_size, teacher_path
 
 log = logging.getLogger(__name__)
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -74,7 +74,7 @@ def run_distill(cfg, cache: Path, student_path: str, progress: bool = True) -> s
 
 def _build(cfg, student_path: str, teacher: str, vocab: int, out: Path,
            progress: bool) -> None:
-    from rl.runtime import start_learner
+    from rl.cluster.runtime import start_learner
 
     d = cfg.distill
     t0 = time.perf_counter()
@@ -113,8 +113,8 @@ def read_report(path: str) -> dict | None:
 def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher_dir: str,
                          student_path: str) -> list[Example]:
     """Stage 1 and the validation filter: the counterfactual examples LeaF trains on."""
-    from rl.placement import kill_and_wait
-    from rl.runtime import start_engine, wait_ready
+    from rl.cluster.placement import kill_and_wait
+    from rl.cluster.runtime import start_engine, wait_ready
 
     d, m, lf = cfg.distill, cfg.model, cfg.leaf
     samples = train_samples_at(task, d.detect_offset + seed_offset(cfg), d.detect_samples)

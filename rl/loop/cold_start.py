@@ -20,12 +20,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rl.algorithms.losses import SftLoss
-from rl.data import collate_sft, encode_prompt, train_samples_at
-from rl.prompt_format import prompt_format
+from rl.tasks.data import collate_sft, encode_prompt, train_samples_at
+from rl.tasks.prompt_format import prompt_format
 from rl.tasks import get_task
-from rl.tiny_model import TinyModelSpec, build_tiny_model
-from rl.tiny_vl import TinyVisionSpec, build_tiny_vl_model
-from rl.vision import image_processor_for
+from rl.models.tiny_model import TinyModelSpec, build_tiny_model
+from rl.models.tiny_vl import TinyVisionSpec, build_tiny_vl_model
+from rl.models.vision import image_processor_for
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def cold_start_on(cfg) -> bool:
 def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_start") -> str:
     """The HF folder the RL stage starts from (the base model if cold start is disabled),
     trained on next-token likelihood or on a method's objective (AVAR's AGTO). The same code
-    trains the tiny LeaF teacher (rl/teacher.py, `prefix="teacher"`)."""
+    trains the tiny LeaF teacher (rl/methods/leaf/teacher.py, `prefix="teacher"`)."""
     from rl.methods import cold_start_objective
 
     base = base_model_path(cfg, cache)
@@ -129,7 +129,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
         return str(final)
 
     def build(tmp: Path) -> None:
-        from rl.runtime import start_learner
+        from rl.cluster.runtime import start_learner
 
         tok = load_tokenizer(base)
         images = image_processor_for(base)

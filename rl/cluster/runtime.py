@@ -14,15 +14,15 @@ import ray
 
 from rl.config_checks import engine_attention
 from rl.engine.deepspeed_engine import DSEngineConfig
-from rl.learner_group import LearnerGroup, with_accum
-from rl.placement import check_shared_dirs, cluster_gpus
-from rl.rollout_group import RolloutGroup
-from rl.remote_calls import get_all
+from rl.cluster.learner_group import LearnerGroup, with_accum
+from rl.cluster.placement import check_shared_dirs, cluster_gpus
+from rl.cluster.rollout_group import RolloutGroup
+from rl.cluster.remote_calls import get_all
 from rollout.vllm_engine import EngineConfig, VLLMEngine
 from rollout.weight_sync import get_transport
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (actors import from it)
 
 # Set by Ray's job supervisor in a submitted job's driver (ray/_private/runtime_env/constants.py).
 RAY_JOB_RUNTIME_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -67,7 +67,7 @@ def init_ray(cluster) -> None:
 def stage_session(cfg):
     """For entry points that run one pipeline stage (launch.sft, launch.distill): the config
     checked before anything starts, Ray up for the stage's actors, and down afterwards."""
-    from rl.cold_start import base_model_path, num_layers
+    from rl.loop.cold_start import base_model_path, num_layers
     from rl.config_checks import check_config, check_layers
 
     check_config(cfg)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from rl.batch import RolloutBatch
-from rl.credit import CreditMethod, register
+from rl.methods.credit import CreditMethod, register
 from rl.tasks.base import stable_hash
 
 ATTENTION_STRATEGIES = ("local_chunk", "global_anchor", "coupled")

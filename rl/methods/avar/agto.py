@@ -13,7 +13,7 @@ from kernels import StatsSpec
 from rl.algorithms.losses import TokenMeanLoss, sft_loss
 import torch
 
-from rl.avar.scores import (N_CLASSES, AgtoConfig, agto_loss, check_classes, key_classes,
+from rl.methods.avar.scores import (N_CLASSES, AgtoConfig, agto_loss, check_classes, key_classes,
                             user_query_mask)
 from rl.engine.base import LossOut
 from rl.engine.frozen import token_logprobs

@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 
 from kernels.capture import select_layers
-from rl.avar.scores import (N_CLASSES, AgtoConfig, check_classes, key_classes, normalise_visual,
+from rl.methods.avar.scores import (N_CLASSES, AgtoConfig, check_classes, key_classes, normalise_visual,
                             r_visual, user_query_mask, vas)
 from rl.batch import RolloutBatch
 from rl.methods.base import ColdStartObjective, Method, RunInfo, Tools
@@ -44,7 +44,7 @@ class Avar(Method):
     def cold_start_objective(self) -> ColdStartObjective | None:
         if self.agto is None:
             return None
-        from rl.avar.agto import AgtoLoss, agto_inputs
+        from rl.methods.avar.agto import AgtoLoss, agto_inputs
 
         agto = self.agto
         return ColdStartObjective(AgtoLoss(cfg=agto), lambda batch: agto_inputs(batch, agto),

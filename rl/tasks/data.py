@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from rl.batch import TOKEN_CLASS, RolloutBatch
-from rl.prompt_format import PLAIN, PromptFormat
+from rl.tasks.prompt_format import PLAIN, PromptFormat
 from rl.tasks import Sample
-from rl.vision import ImageInputs, ImageProcessor
+from rl.models.vision import ImageInputs, ImageProcessor
 
 
 def train_samples_at(task, start: int, n: int) -> list[Sample]:

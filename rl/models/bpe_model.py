@@ -80,7 +80,7 @@ def task_corpus(per_task: int = 2000) -> list[str]:
     for name in ("arith", "countdown", "chain"):
         for s in get_task(name, seed=0).dataset("train", per_task):
             texts += [s.prompt, s.solution]
-    for path in sorted((Path(__file__).resolve().parents[1] / "data").glob("*_sample*.jsonl")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "data").glob("*_sample*.jsonl")):
         texts += [json.dumps(json.loads(line), ensure_ascii=False) for line in
                   path.read_text().splitlines() if line.strip()]
     return texts
@@ -147,7 +147,7 @@ def build_bpe_model(out_dir: str | os.PathLike, spec: BpeModelSpec | None = None
     return out
 
 
-if __name__ == "__main__":  # python -m rl.bpe_model OUT [--small]: a folder to point model.path at
+if __name__ == "__main__":  # python -m rl.models.bpe_model OUT [--small]: a folder to point model.path at
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from rl.batch import RolloutBatch
-from rl.credit import CreditMethod, register
-from rl.credit.preplan_anchor import CreditTrace
+from rl.methods.credit import CreditMethod, register
+from rl.methods.credit.preplan_anchor import CreditTrace
 from rl.methods.base import RunInfo
 
 
