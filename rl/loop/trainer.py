@@ -342,17 +342,18 @@ class Trainer:
             batch.ref_logprobs = self.learner.ref_score(t, self.cfg.rollout.temperature) * mask
         return out.get("stats_s", 0.0)
 
-    def advantages(self, batch: RolloutBatch, step: int, clock: StageClock) -> tuple[torch.Tensor, dict]:
+    def advantages(self, batch: RolloutBatch, step: int,
+                   clock: StageClock | None = None) -> tuple[torch.Tensor, dict]:
         """Per-response advantages, then the methods' token weights γ_t (which may read their
         sign), then per-token advantages A × γ_t."""
         adv = compute_advantages(self.alg.advantage, batch.rewards, batch.group_ids,
                                  self.alg.std_normalize)
         batch.seq_advantages = adv
-        metrics = self.hooks(clock, "token_weights", batch, step)
+        metrics = self.hooks(clock or StageClock(), "token_weights", batch, step)
         batch.advantages = adv[:, None] * batch.token_weights * batch.response_mask
         return adv, metrics
 
-    def update(self, batch: RolloutBatch, step: int, extra_rows: list[ExtraRows]) -> dict:
+    def update(self, batch: RolloutBatch, step: int, extra_rows: list[ExtraRows] = ()) -> dict:
         """`epochs` passes of minibatch updates; metrics averaged over minibatches. The rows of
         the methods' loss terms are dealt out over each epoch's minibatches."""
         gen = torch.Generator().manual_seed(stable_hash("minibatch", self.cfg.seed, step) % 2**63)

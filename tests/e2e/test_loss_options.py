@@ -94,7 +94,7 @@ class Recorder:
         self.batches, self.calls = [], []
         update, train_minibatch = trainer.update, trainer.learner.train_minibatch
 
-        def recording_update(batch, step, extra_rows):
+        def recording_update(batch, step, extra_rows=()):
             self.batches.append(batch)
             return update(batch, step, extra_rows)
 
