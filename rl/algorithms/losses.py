@@ -212,25 +212,28 @@ class DistillTerm:
     rows inside an RL step are one. Its logits come from the host loss's forward."""
     name: str
     coef: float
+    teacher: str = "teacher"  # the frozen model beside the policy, when the rows carry no top-k
     normaliser: float = 1.0
 
     def bind(self, rows: dict[str, torch.Tensor]) -> "DistillTerm":
         return replace(self, normaliser=token_count(rows))
 
     def __call__(self, model: Forwards, rows: dict, logits: torch.Tensor) -> LossOut:
-        value, metrics = teacher_kl(model, rows, logits, self.normaliser)
+        value, metrics = teacher_kl(model, rows, logits, self.normaliser, self.teacher)
         return LossOut(self.coef * value, metrics, per_token(metrics, rows))
 
 
-def teacher_kl(model: Forwards, b: dict, logits: torch.Tensor, normaliser: float):
+def teacher_kl(model: Forwards, b: dict, logits: torch.Tensor, normaliser: float,
+               teacher: str = "teacher"):
     """Forward KL to the teacher at T = 1 over the response tokens (LeaF §2.3): its top-k
-    came with the rows (teacher actors), or a teacher loaded beside the policy scores them."""
+    came with the rows (teacher actors), or the frozen model `teacher` loaded beside the
+    policy scores them."""
     student = next_token_logprobs(logits)
     if "teacher_ids" in b:
         return distill_loss(student, b["response_mask"], normaliser,
                             teacher_ids=b["teacher_ids"], teacher_topk_logp=b["teacher_logprobs"])
     return distill_loss(student, b["response_mask"], normaliser,
-                        teacher_logp=model.teacher_logprobs(b))
+                        teacher_logp=model.frozen_logprobs(teacher, b))
 
 
 @dataclass

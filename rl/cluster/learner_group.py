@@ -46,11 +46,11 @@ class LearnerWorker:
             e.add_note(out_of_memory_advice(self.rank, method))  # stops, it is not retried
             raise
 
-    def call_teacher(self, method: str, *args, **kwargs):
-        """The colocated LeaF teacher (teacher.placement=colocated) of this rank."""
-        if self.engine.teacher is None:
-            raise RuntimeError("no colocated teacher on this learner rank")
-        return getattr(self.engine.teacher, method)(*args, **kwargs)
+    def call_frozen(self, name: str, method: str, *args, **kwargs):
+        """The frozen model `name` this rank holds beside the policy (DSEngineConfig.frozen_models)."""
+        if name not in self.engine.frozen:
+            raise RuntimeError(f"no frozen model {name!r} on this learner rank")
+        return getattr(self.engine.frozen[name], method)(*args, **kwargs)
 
     def weights_payload(self, transport: WeightTransport):
         """(payload, its bytes): rank 0's packed weights (None elsewhere). Called with

@@ -134,14 +134,14 @@ def start_engines(cfg, model_path: str) -> RolloutGroup:
 
 def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
                   ref_model_path: str | None = None,
-                  teacher_model_path: str | None = None) -> DSEngineConfig:
+                  frozen_models: dict[str, str] | None = None) -> DSEngineConfig:
     lc = cfg.learner
     base = DSEngineConfig(
         model_path=model_path, lr=lr, weight_decay=cfg.algorithm.weight_decay,
         grad_clip=cfg.algorithm.grad_clip, zero_stage=lc.zero_stage,
         micro_batch_size=lc.micro_batch_size, dtype=cfg.model.dtype,
         gradient_checkpointing=lc.gradient_checkpointing, ref_model_path=ref_model_path,
-        teacher_model_path=teacher_model_path,
+        frozen_models=dict(frozen_models or {}),
         backend=lc.backend, seed=cfg.seed, **engine_attention(cfg),
         stats_layers=lc.stats_layers, collective_timeout_s=cfg.cluster.call_timeout_s,
         offload_between_updates=lc.offload_between_updates, compile=lc.compile,
@@ -151,10 +151,10 @@ def learner_config(cfg, model_path: str, lr: float, minibatch_size: int,
 
 def start_learner(cfg, model_path: str, lr: float, minibatch_size: int,
                   ref_model_path: str | None = None,
-                  teacher_model_path: str | None = None) -> LearnerGroup:
+                  frozen_models: dict[str, str] | None = None) -> LearnerGroup:
     lc = cfg.learner
     return LearnerGroup(learner_config(cfg, model_path, lr, minibatch_size, ref_model_path,
-                                       teacher_model_path),
+                                       frozen_models),
                         num_ranks=lc.num_ranks, num_cpus_per_rank=lc.num_cpus_per_rank,
                         torch_threads=lc.torch_threads, cpu_groups=cpu_groups(cfg),
                         num_gpus_per_rank=learner_gpus(cfg),

@@ -43,8 +43,9 @@ class Forwards(ABC):
         forwards run inside it; with `grad_mass`, key-class masses that carry gradient."""
 
     @abstractmethod
-    def teacher_logprobs(self, b: dict) -> torch.Tensor:
-        """[B, T, V] next-token log-probs of a teacher loaded beside the policy."""
+    def frozen_logprobs(self, name: str, b: dict) -> torch.Tensor:
+        """[B, T, V] next-token log-probs of the frozen model `name` loaded beside the policy
+        (DSEngineConfig.frozen_models)."""
 
 
 class Loss(ABC):
@@ -73,8 +74,8 @@ class Readable(ABC):
 
 
 class Probe(ABC):
-    """A read of a model that is not a training step — a method's gradient sensitivities, a
-    teacher's distillation targets —, handed to the engine as an object like a Loss: the
+    """A read of a model that is not a training step — gradient sensitivities, top-k
+    next-token targets —, handed to the engine as an object like a Loss: the
     engine runs it without knowing what it is. Returns [B, ...] tensors (or a tuple of them)."""
 
     @abstractmethod
@@ -83,8 +84,8 @@ class Probe(ABC):
 
 
 class ScoringEngine(ABC):
-    """What a model that is read but not trained answers: a teacher, and the policy itself
-    (every TrainEngine is one)."""
+    """What a model that is read but not trained answers: a frozen model, and the policy
+    itself (every TrainEngine is one)."""
 
     @abstractmethod
     def score(self, batch: dict[str, torch.Tensor], temperature: float,

@@ -14,7 +14,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,9 +47,9 @@ class DSEngineConfig:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     ref_model_path: str | None = None
-    # A teacher loaded next to the policy (teacher.placement=colocated): a distillation loss
-    # then reads its full next-token distributions inside each micro-batch.
-    teacher_model_path: str | None = None
+    # Frozen models loaded next to the policy in every rank, by name (a method names them): a
+    # loss reads one's full next-token distributions inside each micro-batch, nothing moves.
+    frozen_models: dict[str, str] = field(default_factory=dict)
     backend: str | None = None
     seed: int = 0
     # "sdpa": the model's stock attention. "kernels": our fused attention (kernels/), which can
@@ -142,9 +142,9 @@ class DeepSpeedEngine(TrainEngine):
             if self.padding_free:
                 install_sdpa(self.ref)
             self.ref.to(self.device).eval().requires_grad_(False)
-        self.teacher = (FrozenModel(cfg.teacher_model_path, cfg.dtype, str(self.device),
-                                    vocab_size=model.config.vocab_size)
-                        if cfg.teacher_model_path else None)
+        self.frozen = {name: FrozenModel(path, cfg.dtype, str(self.device),
+                                         vocab_size=model.config.vocab_size)
+                       for name, path in cfg.frozen_models.items()}
 
     # --- forwards -------------------------------------------------------------------------
     def _to(self, batch):
@@ -419,11 +419,11 @@ class PolicyForwards(Forwards):
         return AttentionCapture(self.e._module(), layers=layers, spec=spec,
                                 impl=self.e.cfg.attn_impl, grad_mass=grad_mass)
 
-    def teacher_logprobs(self, b):
-        if self.e.teacher is None:
-            raise RuntimeError("distillation: no teacher targets in the batch and no teacher "
-                               "loaded beside the policy (teacher.placement)")
-        return self.e.teacher.full_logprobs(b)
+    def frozen_logprobs(self, name, b):
+        if name not in self.e.frozen:
+            raise RuntimeError(f"no frozen model {name!r} loaded beside the policy (loaded: "
+                               f"{sorted(self.e.frozen)})")
+        return self.e.frozen[name].full_logprobs(b)
 
 
 class PolicyView(Readable):

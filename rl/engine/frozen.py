@@ -1,9 +1,10 @@
 """A model that is scored and differentiated with respect to its inputs, never trained.
 
-A teacher is one (frozen, possibly large, in its own Ray actors so that on a cluster it sits on
-its own GPUs); so is a student snapshot read offline, and the checkpoint `launch.inspect`
-draws. It answers the scoring half of the engine boundary (rl/engine/base.py `ScoringEngine`):
-per-token log-probs and entropy (with attention statistics), and whatever Probe it is given.
+A model read by a method is one (possibly large, in its own Ray actors so that on a cluster it
+sits on its own GPUs, or beside the policy in each learner rank); so is a student snapshot read
+offline, and the checkpoint `launch.inspect` draws. It answers the scoring half of the engine
+boundary (rl/engine/base.py `ScoringEngine`): per-token log-probs and entropy (with attention
+statistics), and whatever Probe it is given.
 """
 from __future__ import annotations
 
@@ -111,9 +112,9 @@ def topk_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class FrozenModel(ScoringEngine):
-    """`vocab_size`: keep only the first ids of the output distribution — a teacher whose
-    embedding matrix has padded rows beyond the student's vocabulary (same tokenizer) is cut
-    to the student's size before the softmax."""
+    """`vocab_size`: keep only the first ids of the output distribution — a model whose
+    embedding matrix has padded rows beyond the policy's vocabulary (same tokenizer) is cut
+    to the policy's size before the softmax."""
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None,
                  vocab_size: int | None = None):

@@ -33,7 +33,7 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_model_dir, teacher_dir):
     lg = LearnerGroup(DSEngineConfig(tiny_model_dir, lr=0.0, zero_stage=3, grad_accum_steps=2,
-                                     micro_batch_size=1, teacher_model_path=teacher_dir),
+                                     micro_batch_size=1, frozen_models={"teacher": teacher_dir}),
                       num_ranks=2)
     yield lg
     lg.shutdown()

@@ -82,7 +82,7 @@ class LeafInRL(Method):
 
     def learner_options(self) -> dict:
         colocated = self.cfg.teacher.placement == "colocated"
-        return {"teacher_model_path": self.teacher_path} if colocated else {}
+        return {"frozen_models": {"teacher": self.teacher_path}} if colocated else {}
 
     def start(self, tools: Tools) -> None:
         t = self.cfg.teacher

@@ -83,17 +83,19 @@ class TeacherGroup:
 
     def __init__(self, path: str, tcfg, dtype: str, vocab_size: int, learner=None):
         self.path, self.owned = path, learner is None
-        if learner is not None:
-            self.workers, self.method = learner.workers, "call_teacher"
+        if learner is not None:  # the learner ranks hold it as their frozen model "teacher"
+            self.workers = learner.workers
+            self.call = lambda w, *a: w.call_frozen.remote("teacher", *a)
             return
         remote = ray.remote(num_cpus=tcfg.num_cpus_per_actor)(TeacherWorker)
-        self.workers, self.method = [remote.remote(path, dtype, vocab_size, tcfg.torch_threads)
-                                     for _ in range(tcfg.num_actors)], "call"
+        self.workers = [remote.remote(path, dtype, vocab_size, tcfg.torch_threads)
+                        for _ in range(tcfg.num_actors)]
+        self.call = lambda w, *a: w.call.remote(*a)
 
     def _split(self, method: str, tensors: dict[str, torch.Tensor], *args):
         n = len(tensors["input_ids"])
         parts = [p for p in np.array_split(np.arange(n), len(self.workers)) if len(p)]
-        outs = ray.get([getattr(w, self.method).remote(method, {k: v[p] for k, v in tensors.items()}, *args)
+        outs = ray.get([self.call(w, method, {k: v[p] for k, v in tensors.items()}, *args)
                         for w, p in zip(self.workers, parts)])
         if isinstance(outs[0], tuple):
             return tuple(torch.cat(xs) for xs in zip(*outs))

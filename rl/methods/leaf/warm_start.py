@@ -82,7 +82,7 @@ def _build(cfg, student_path: str, teacher: str, vocab: int, out: Path,
     task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
     colocated = cfg.teacher.placement == "colocated"
     learner = start_learner(cfg, student_path, lr=d.lr, minibatch_size=d.batch_size,
-                            teacher_model_path=teacher if colocated else None)
+                            frozen_models={"teacher": teacher} if colocated else None)
     teachers = TeacherGroup(teacher, cfg.teacher, cfg.model.dtype, vocab,
                             learner=learner if colocated else None)
     pool = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
