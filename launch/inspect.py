@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                            0, torch.int8)
         # (vars_on: its masses come from this scoring forward, as VARS reads them in training)
         methods.append(Avar(AvarConfig(name="vars", evidence=evidence, layers=args.layers),
-                            vars_on=True, vas_on=True, agto=None))
+                            vars_on=True, agto=None))
     for m in methods:
-        m.setup(RunInfo(num_layers(str(hf)), steps=1, seed=args.seed))
+        m.setup(RunInfo(num_layers(str(hf)), steps=1))
     batch = score_batch(model, prompt_ids, responses, _pad_id(tok), classes, image_in)
     scoring_forward(frozen, batch, methods)
     credit.token_weights(batch, 0)

@@ -139,7 +139,7 @@ class Trainer:
         self.policy_init = self.starting_policy()
         log.info("RL starts from %s", self.policy_init)
         for m in self.methods:
-            m.setup(RunInfo(num_layers(self.policy_init), cfg.steps, cfg.seed))
+            m.setup(RunInfo(num_layers(self.policy_init), cfg.steps))
         self.request = scoring_request(self.methods)  # what the scoring forward captures
 
         t0 = time.perf_counter()

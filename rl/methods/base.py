@@ -31,7 +31,6 @@ from rl.batch import RolloutBatch
 class RunInfo:
     num_layers: int      # decoder layers of the policy RL starts from
     steps: int           # RL steps of the run
-    seed: int
 
 
 @dataclass

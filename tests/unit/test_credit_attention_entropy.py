@@ -28,7 +28,7 @@ def batch_of(ids, attention_mask, response_mask) -> RolloutBatch:
 
 def method(steps: int, num_layers: int = 4, **params):
     m = build("attention_entropy", params)
-    m.setup(RunInfo(num_layers=num_layers, steps=steps, seed=0))
+    m.setup(RunInfo(num_layers=num_layers, steps=steps))
     return m
 
 

@@ -40,7 +40,7 @@ def test_plan_per_reader(overrides, request_, credit_layers, avar_layers):
     c = cfg("learner.stats_layers=middle:3", *overrides)
     methods = {m.name: m for m in build_methods(c)}
     for m in methods.values():
-        m.setup(RunInfo(num_layers=12, steps=10, seed=0))
+        m.setup(RunInfo(num_layers=12, steps=10))
     assert methods["credit"].layers == credit_layers
     assert (methods["vars"].layers if "vars" in methods else None) == avar_layers
     req = scoring_request(list(methods.values()))

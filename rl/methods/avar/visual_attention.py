@@ -30,14 +30,16 @@ def from_config(cfg) -> "Avar | None":
     if v.name in ("agto", "agto_vars"):
         agto = AgtoConfig(alpha=v.agto_alpha, beta=v.agto_beta, layers=v.layers, eps=v.eps,
                           evidence=v.evidence)
-    return Avar(v, vars_on=v.name in ("vars", "agto_vars"), vas_on=True, agto=agto)
+    return Avar(v, vars_on=v.name in ("vars", "agto_vars"), agto=agto)
 
 
 class Avar(Method):
     name = "vars"
 
-    def __init__(self, p, vars_on: bool, vas_on: bool, agto: AgtoConfig | None):
-        self.p, self.vars_on, self.vas_on, self.agto = p, vars_on, vas_on, agto
+    def __init__(self, p, vars_on: bool, agto: AgtoConfig | None):
+        """VAS is measured at every evaluation whenever AVAR is on; `vars_on`: VARS shapes the
+        rewards; `agto`: the cold start's objective."""
+        self.p, self.vars_on, self.agto = p, vars_on, agto
         self.reads_statistics = vars_on
         self.layers: list[int] = []
 
@@ -93,8 +95,6 @@ class Avar(Method):
     def evaluate(self, batch: RolloutBatch, tools: Tools) -> dict[str, float]:
         """VAS (§3.1) of the greedy held-out responses: one scoring forward with the
         evidence/system key-class masses on its layers."""
-        if not self.vas_on:
-            return {}
         t = {**batch.model_inputs(), "response_mask": batch.response_mask,
              "key_classes": self._key_classes(batch)}
         out = tools.learner.score(t, tools.temperature, self.request())
@@ -120,8 +120,6 @@ class Avar(Method):
     def draw_eval(self, tracker, evals: dict, step: int) -> None:
         """VAS per layer at this evaluation, as one chart (response and user-query tokens as
         two lines)."""
-        if not self.vas_on:
-            return
         layers = self.layers
         series = {u: [evals[f"eval/vas_{u}_L{layer}"] for layer in layers]
                   for u in ("response", "query") if f"eval/vas_{u}_L{layers[0]}" in evals}

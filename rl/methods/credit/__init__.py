@@ -36,7 +36,6 @@ class CreditMethod(Method):
     def __init__(self, strategy: str, params: Any, seed: int = 0, stats_layers: str = "middle:5"):
         self.strategy, self.p, self.seed = strategy, params, seed
         self.stats_layers, self.layers = stats_layers, []
-        self.steps = 0
         self.reads_statistics = self.stats_request() is not None
 
     @classmethod
@@ -61,7 +60,6 @@ class CreditMethod(Method):
     # --- as a method of the RL step --------------------------------------------------------
     def setup(self, run: RunInfo) -> None:
         self.layers = select_layers(self.stats_layers, run.num_layers) if self.reads_statistics else []
-        self.steps = run.steps
 
     def scoring_request(self) -> dict | None:
         request = self.stats_request()
