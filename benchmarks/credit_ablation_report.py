@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled"]
+ORDER = ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled", "coupled_bottom",
+         "attention_entropy", "mc"]
 METRICS = (("eval/accuracy", "greedy"), ("eval/accuracy_sampled", "sampled"))
 
 

@@ -83,18 +83,30 @@ def mc_token_values(sample: Sampler, judge: Judge, prompts: Sequence[list[int]],
     return out
 
 
-def rollout_sampler(engine, temperature: float, top_p: float = 1.0) -> Sampler:
-    """A vLLM engine actor (rollout/vllm_engine.py) as a Sampler: K seeded continuations of each
-    prefix, one engine call per distinct token budget (vLLM refuses K > 1 at temperature 0)."""
-    import ray
+# (prefix token ids, K, one seed per prefix, max new tokens) → per prefix, K completions
+# (objects with .token_ids): one vLLM engine's or the rollout group's `generate`
+Generate = Callable[[list[list[int]], int, list[int], int], list]
+
+
+def budget_sampler(generate: Generate) -> Sampler:
+    """A Sampler from a generate call that takes one token budget: one call per distinct
+    budget (vLLM refuses K > 1 at temperature 0, so the caller's temperature must be > 0 for
+    K > 1)."""
 
     def sample(requests, k, seeds, budgets):
         out: list = [None] * len(requests)
         for budget in sorted(set(budgets)):
             idx = [i for i, b in enumerate(budgets) if b == budget]
-            comps = ray.get(engine.generate.remote([requests[i] for i in idx], k, temperature,
-                                                   top_p, budget, [seeds[i] for i in idx]))
+            comps = generate([requests[i] for i in idx], k, [seeds[i] for i in idx], budget)
             for i, cs in zip(idx, comps):
                 out[i] = [list(c.token_ids) for c in cs]
         return out
     return sample
+
+
+def rollout_sampler(engine, temperature: float, top_p: float = 1.0) -> Sampler:
+    """One vLLM engine actor (rollout/vllm_engine.py) as a Sampler."""
+    import ray
+
+    return budget_sampler(lambda reqs, k, seeds, budget: ray.get(
+        engine.generate.remote(reqs, k, temperature, top_p, budget, seeds)))

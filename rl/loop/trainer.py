@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from rewards import RewardItem, RewardPool, summarize
 from rl.algorithms.advantages import compute_advantages
+from rl.algorithms.mc_values import budget_sampler
 from rl.algorithms.losses import PolicyLoss, PolicyLossConfig
 from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
 from rl.batch import RolloutBatch
@@ -197,7 +198,9 @@ class Trainer:
 
     def tools(self, learner=None) -> Tools:
         """What a method's hooks may use."""
-        return Tools(learner or self.learner, self.tok, self.cfg.rollout.temperature, self.roll)
+        r = self.cfg.rollout
+        return Tools(learner or self.learner, self.tok, r.temperature, self.roll,
+                     budget_sampler(self.continue_prefixes), r.max_new_tokens)
 
     def restore(self, ckpt: Path | None) -> None:
         """Learner state and trainer state from a checkpoint (None: the start of RL), then the
@@ -271,6 +274,11 @@ class Trainer:
         r = self.cfg.rollout
         return self.engines.generate([p.request for p in prompts], n, temperature, r.top_p,
                                      r.max_new_tokens, seeds)
+
+    def continue_prefixes(self, prefixes: list[list[int]], k: int, seeds: list[int], budget: int):
+        """k completions of each token-id prefix (Monte Carlo values), at most `budget` tokens."""
+        r = self.cfg.rollout
+        return self.engines.generate(prefixes, k, r.temperature, r.top_p, budget, seeds)
 
     def roll(self, prompts, seeds: list[int], first_group: int) -> RolloutBatch:
         """Rollouts of extra prompts (a method's extra groups), collated and rewarded."""

@@ -41,6 +41,10 @@ class Tools:
     temperature: float           # the rollout temperature (scoring forwards use it too)
     # prompts, sampling seeds, first group id → their rollouts, collated and rewarded
     roll: Callable[[list, list[int], int], RolloutBatch]
+    # continuations of token-id prefixes by the rollout engines at the rollout temperature
+    # (rl/algorithms/mc_values.py Sampler: prefixes, K, seeds, token budgets)
+    sample: Callable[[list, int, list[int], list[int]], list]
+    max_new_tokens: int          # a response's token budget
 
 
 @dataclass

@@ -97,6 +97,24 @@ def test_coupled_hand_worked_example():
         [1, 1, 1.5, 1.5, 1, 1, 1.5, 1.5, 1, 1])
 
 
+def test_bottom_rank_hand_worked_example():
+    # The example above with rank=bottom (the paper's bottom-40% ablation).
+    waad = torch.tensor([[1.0, 1.0, 6.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0]])
+    fai = torch.tensor([[0.1, 0.0, 0.2, 0.9, 0.1, 0.0, 0.3, 0.8, 0.0, 0.0]])
+    p = PreplanAnchorParams(rank="bottom")
+    s = token_sets(waad, fai, torch.ones(1, 10, dtype=torch.bool), p)
+    # Δ = [0, 5, 5, 1, 0, 0, 1, 0, 0, 0]: the 4th smallest is 0 and ties are kept → six tokens
+    assert s.preplan.nonzero()[:, 1].tolist() == [0, 4, 5, 7, 8, 9]
+    # FAI > 0 on tokens 0, 2, 3, 4, 6, 7 (n = 6, ⌈2.4⌉ = 3): the 3rd smallest is 0.2 → 0, 2, 4
+    assert s.anchor.nonzero()[:, 1].tolist() == [0, 2, 4]
+    # token 4: waad 2 ≤ 2 and max Δ over 1..3 = 5 ≥ τ_Δ = 1 (the top's) → dominated, intro 1;
+    # token 0 has no tokens before it, token 2's waad 6 > 2
+    assert s.dominated.nonzero()[:, 1].tolist() == [4]
+    assert s.intro.nonzero()[:, 1].tolist() == [1]
+    assert gamma_from_sets("coupled", s, p)[0].tolist() == pytest.approx(
+        [1.5, 1.25, 1.5, 1, 1.25, 1, 1, 1, 1, 1])
+
+
 def test_all_equal_statistics_give_plain_grpo():
     resp = torch.ones(2, 12, dtype=torch.bool)
     s = token_sets(torch.full((2, 12), 3.0), torch.full((2, 12), 0.2), resp, P)

@@ -23,6 +23,10 @@ baselines random (a random q of the response) and entropy (the top q by predicti
 Alignment: statistics at position t are those of token t (query row t for WAAD, key column t
 for FAI), and γ_t multiplies the advantage of token t's logprob — the paper's literal indexing.
 
+`rank=bottom` selects the lowest Δ, and the lowest FAI among the tokens whose band is not empty
+(FAI > 0), instead (dominated anchors and their intros as above, with the same τ_Δ) — the
+paper's bottom-40% ablation, reported to hurt.
+
 TopQ over a response of n tokens keeps the values ≥ the ⌈q·n⌉-th largest: ties at the
 threshold are all kept (no positional tie-break), and a statistic that is constant over
 the response selects nothing (it carries no information, and amplifying every token would
@@ -56,6 +60,8 @@ class PreplanAnchorParams:
     waad_quantile: float = 0.5       # τ_waad: this quantile of WAAD over the response (lower value)
     delta_top_q: float | None = None  # τ_Δ: the TopQ(Δ) threshold at this q (None: top_q)
     positive_only: bool = False      # γ only on responses with advantage ≥ 0 (paper v1); v2: both signs
+    rank: str = "top"                # which end of Δ and FAI TopQ keeps: top (the method) or
+    #                                  bottom (the paper's bottom-40% ablation, which hurts)
 
     def __post_init__(self):
         lo_hi = list(self.fai_band)
@@ -73,6 +79,8 @@ class PreplanAnchorParams:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.gamma_amp < 1.0:
             raise ValueError(f"gamma_amp must be >= 1, got {self.gamma_amp}")
+        if self.rank not in ("top", "bottom"):
+            raise ValueError(f"rank must be top or bottom, got {self.rank!r}")
 
 
 # --- pure functions on [B, T] tensors (unit-tested on hand-built statistics) ------------------
@@ -146,6 +154,9 @@ def token_sets(waad: Tensor, fai: Tensor, resp: Tensor, p: PreplanAnchorParams) 
     if p.delta_top_q is not None and p.delta_top_q != p.top_q:
         delta_thr = top_q_mask(delta, resp, p.delta_top_q)[1]
     anchor = top_q_mask(fai, resp, p.top_q)[0] & (fai > 0)
+    if p.rank == "bottom":  # the ablation: the lowest Δ and FAI instead (τ_Δ stays the top's)
+        preplan = top_q_mask(-delta, resp, p.top_q)[0]
+        anchor = top_q_mask(-fai.float(), resp & (fai > 0), p.top_q)[0]
     waad_thr = row_quantile(waad, resp, p.waad_quantile)
     # Δ of the k tokens before each t, earliest first, -inf where that token is not response.
     T = waad.shape[-1]
@@ -217,7 +228,7 @@ class PreplanAnchorCredit(CreditMethod):
 
     Params = PreplanAnchorParams
     BASELINE = {"top_q", "gamma_amp", "positive_only"}
-    ANCHOR = BASELINE | {"waad_window", "fai_band", "head_quantile"}
+    ANCHOR = BASELINE | {"waad_window", "fai_band", "head_quantile", "rank"}
 
     @classmethod
     def keys(cls, strategy: str) -> set[str]:
