@@ -105,9 +105,6 @@ def check_config(cfg) -> None:
     if credit.stats_request() and lr.attention == "sdpa":
         raise ValueError(f"credit={cfg.credit.name} reads attention statistics: learner.attention "
                          "must be kernels (or auto), not sdpa")
-    if cfg.credit.name == "mc" and cfg.rollout.temperature <= 0:
-        raise ValueError("credit=mc samples several continuations per prefix: rollout.temperature "
-                         "must be > 0")
     check_avar(cfg)
 
 

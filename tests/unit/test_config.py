@@ -105,7 +105,7 @@ def test_trainer_rejects_bad_config_before_ray_starts(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled",
-                                  "attention_entropy"])
+                                  "attention_entropy", "mc"])
 def test_every_credit_file_builds_and_picks_the_attention(name):
     from rl.config_checks import build_credit, learner_attention
 
@@ -124,6 +124,8 @@ def test_credit_param_typo_and_sdpa_conflict_are_named():
         check_config(load(["credit=global_anchor", "+credit.params.alpha=0.3"]))
     with pytest.raises(ValueError, match="learner.attention"):
         check_config(load(["credit=coupled", "learner.attention=sdpa"]))
+    with pytest.raises(ValueError, match="rank must be top or bottom"):
+        check_config(load(["credit=coupled", "credit.params.rank=lowest"]))
 
 
 @pytest.mark.parametrize("overrides, message", [
