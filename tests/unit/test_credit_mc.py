@@ -66,6 +66,18 @@ def test_mc_credit_amplifies_the_tokens_that_move_the_success_rate():
     assert metrics["continuations"] == 4000 * (6 + 6 + 3)
 
 
+def test_responses_whose_advantage_is_zero_are_not_continued():
+    credit = build("mc", {"k": 4000, "stride": 1, "top_q": 1 / 6 - 1e-6, "gamma_amp": 2.0}, seed=1)
+    credit.start(Tools(None, DigitTokenizer(), 1.0, None, bernoulli_policy, MAX_NEW))
+    batch = batch_of(["000100", "000000", "100"])
+    batch.seq_advantages = torch.tensor([0.0, -0.5, 0.5])
+    metrics = credit.token_weights(batch, step=0)
+    resp = batch.response_mask
+    gamma = [batch.token_weights[i][resp[i]].tolist() for i in range(3)]
+    assert gamma == [[1] * 6, [1, 1, 1, 1, 1, 2], [2, 1, 1]]  # rows 1 and 2 as before
+    assert metrics["continuations"] == 4000 * (6 + 3) and metrics["responses_continued"] == 2 / 3
+
+
 def test_a_flat_response_selects_nothing():
     credit = build("mc", {"k": 50, "stride": 2, "top_q": 0.9}, seed=0)
     credit.start(Tools(None, DigitTokenizer(), 1.0, None, bernoulli_policy, MAX_NEW))

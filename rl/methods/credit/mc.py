@@ -11,7 +11,8 @@ values never move selects nothing), so the γ scale is theirs and only the choic
 differs. A token whose value does not move (|A_t| = 0) is never selected: amplifying
 every token of a flat response would only rescale its advantage.
 
-Cost per step: responses × ⌈length / stride⌉ × K continuations of up to max_new_tokens.
+Cost per step: responses × ⌈length / stride⌉ × K continuations of up to max_new_tokens, over
+the responses whose advantage is not 0 (γ scales the advantage, so the others are skipped).
 """
 from __future__ import annotations
 
@@ -80,12 +81,18 @@ class MonteCarloCredit(CreditMethod):
         if batch.pixel_values is not None:
             raise NotImplementedError("credit=mc continues text prompts only")
         resp = batch.response_mask.bool()
-        prompts = [m["prompt"].ids for m in batch.meta]
-        responses = [ids[r].tolist() for ids, r in zip(batch.input_ids, resp)]
-        values = mc_token_values(self.tools.sample, self.judge(batch), prompts, responses,
+        # γ scales the response's advantage: where that is 0 (a group whose responses all
+        # scored alike) it changes nothing, and those responses are not continued
+        rows = list(range(len(batch.meta))) if batch.seq_advantages is None else \
+            batch.seq_advantages.nonzero().flatten().tolist()
+        judge = self.judge(batch)
+        values = mc_token_values(self.tools.sample, lambda i, ids: judge(rows[i], ids),
+                                 [batch.meta[i]["prompt"].ids for i in rows],
+                                 [batch.input_ids[i][resp[i]].tolist() for i in rows],
                                  self.p.k, self.tools.max_new_tokens, self.p.stride,
                                  seed=stable_hash("mc_credit", self.seed, step) % 2**31)
-        adv = response_advantages(values, resp)
+        adv = torch.zeros(resp.shape)
+        adv[rows] = response_advantages(values, resp[rows])
         selected = top_q_mask(adv.abs(), resp, self.p.top_q)[0] & (adv != 0)
         gamma = torch.where(selected, torch.full_like(adv, self.p.gamma_amp), torch.ones_like(adv))
         batch.token_weights = batch.token_weights * gamma
@@ -94,6 +101,7 @@ class MonteCarloCredit(CreditMethod):
         moved = [tv for tv in values if max(tv.values) > min(tv.values)]
         return {"selected_share": selected.sum().item() / n,
                 "gamma_mean": gamma[resp].mean().item() if resp.any() else 1.0,
+                "responses_continued": len(rows) / max(1, len(batch.meta)),
                 "responses_with_signal": len(moved) / max(1, len(values)),
                 "abs_advantage_mean": adv.abs()[resp].mean().item() if resp.any() else 0.0,
                 "continuations": sum(sum(tv.trials[:-1]) for tv in values)}
