@@ -219,6 +219,7 @@ def main() -> None:
     ap.add_argument("--strata", type=int, default=4, help="response positions per stratum")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mc_values", help="reuse this mc_values.json (the same draw, other credit settings)")
     args, overrides = ap.parse_known_args()
     from leaf_detection import compose_cfg  # (benchmarks/: the script's folder)
 
@@ -264,8 +265,11 @@ def main() -> None:
 
     t_mc = time.perf_counter()
     cache = out_dir / "mc_values.json"  # the expensive part, kept for re-renders of the same draw
-    key = {"config": overrides, "k": args.k, "stride": args.stride, "seed": args.seed,
-           "responses": responses}
+    if args.mc_values and not cache.exists():
+        cache.write_text(Path(args.mc_values).read_text())
+    # credit.* settings change the signals, not the draw: they may differ from the saved run's
+    key = {"config": [o for o in overrides if not o.startswith("credit")], "k": args.k,
+           "stride": args.stride, "seed": args.seed, "responses": responses}
     saved = json.loads(cache.read_text()) if cache.exists() else None
     if saved and saved["key"] == key:
         values = [TokenValues(**v) for v in saved["values"]]
