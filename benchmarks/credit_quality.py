@@ -230,8 +230,7 @@ def main() -> None:
     import ray
 
     from kernels.capture import select_layers
-    from rewards.verifiers import resolve
-    from rl.algorithms.mc_values import TokenValues, mc_token_values, rollout_sampler
+    from rl.algorithms.mc_values import TokenValues, mc_token_values, rollout_sampler, verifier_judge
     from rl.cluster.runtime import init_ray, start_engine, wait_ready
     from rl.engine.frozen import FrozenModel
     from rl.loop.cold_start import load_tokenizer, num_layers, run_cold_start
@@ -258,11 +257,7 @@ def main() -> None:
     resp = batch.response_mask.bool()
     responses = [ids[m].tolist() for ids, m in zip(batch.input_ids, resp)]
 
-    def judge(i: int, ids: list[int]) -> float:
-        m = batch.meta[i]
-        return float(resolve(m["task"])(tok.decode(ids, skip_special_tokens=True), m["answer"],
-                                        m["sample_meta"]))
-
+    judge = verifier_judge(tok, batch.meta)
     t_mc = time.perf_counter()
     cache = out_dir / "mc_values.json"  # the expensive part, kept for re-renders of the same draw
     if args.mc_values and not cache.exists():
@@ -322,15 +317,15 @@ def main() -> None:
     for name, score in pick_by.items():
         changed, similar = [], []
         picks = top_token(score, resp, gen)
-        heads_ = []
+        picked = []
         for i, pos in enumerate(picks):
             j = pos - batch.meta[i]["prompt_len"]  # index in the response
-            heads_.append(responses[i][:j] + [other_token(logp[i, pos], responses[i][j], gen)])
-        todo = [i for i, h in enumerate(heads_) if r.max_new_tokens - len(h) >= 1]
-        conts = dict(zip(todo, sampler([batch.meta[i]["prompt"].ids + heads_[i] for i in todo], 1,
+            picked.append(responses[i][:j] + [other_token(logp[i, pos], responses[i][j], gen)])
+        todo = [i for i, h in enumerate(picked) if r.max_new_tokens - len(h) >= 1]
+        conts = dict(zip(todo, sampler([batch.meta[i]["prompt"].ids + picked[i] for i in todo], 1,
                                        [stable_hash("perturb", args.seed, name, i) % 2**31 for i in todo],
-                                       [r.max_new_tokens - len(heads_[i]) for i in todo])))
-        for i, h in enumerate(heads_):
+                                       [r.max_new_tokens - len(picked[i]) for i in todo])))
+        for i, h in enumerate(picked):
             rest = conts[i][0] if i in conts else []
             changed.append(abs(judge(i, h + rest) - outcome[i]))
             similar.append(word_jaccard(tok.decode(responses[i][len(h):], skip_special_tokens=True),

@@ -83,6 +83,19 @@ def mc_token_values(sample: Sampler, judge: Judge, prompts: Sequence[list[int]],
     return out
 
 
+def verifier_judge(tok, meta: Sequence[dict]) -> Judge:
+    """The task's verifier as a Judge: response i's token ids decoded and scored against
+    meta[i] (a collated row's meta: its verifier name, answer and sample meta). In-process and
+    without the reward pool's timeout: the verifiers of the shipped tasks are string checks."""
+    from rewards.verifiers import resolve
+
+    def judge(i: int, ids: list[int]) -> float:
+        m = meta[i]
+        text = tok.decode(ids, skip_special_tokens=True)
+        return float(resolve(m["task"])(text, m["answer"], m["sample_meta"]))
+    return judge
+
+
 # (prefix token ids, K, one seed per prefix, max new tokens) → per prefix, K completions
 # (objects with .token_ids): one vLLM engine's or the rollout group's `generate`
 Generate = Callable[[list[list[int]], int, list[int], int], list]

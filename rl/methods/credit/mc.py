@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rl.algorithms.mc_values import mc_token_values
+from rl.algorithms.mc_values import mc_token_values, verifier_judge
 from rl.batch import RolloutBatch
 from rl.methods.base import Tools
 from rl.methods.credit import CreditMethod, register
@@ -63,19 +63,8 @@ class MonteCarloCredit(CreditMethod):
     def start(self, tools: Tools) -> None:
         self.tools = tools
 
-    def judge(self, batch: RolloutBatch):
-        from rewards.verifiers import resolve
-
-        tok = self.tools.tok
-
-        def score(i: int, ids: list[int]) -> float:
-            m = batch.meta[i]
-            text = tok.decode(ids, skip_special_tokens=True)
-            return float(resolve(m["task"])(text, m["answer"], m["sample_meta"]))
-        return score
-
     def weights(self, batch: RolloutBatch, stats: dict | None, step: int) -> dict[str, float]:
-        if self.tools is None or self.tools.sample is None:
+        if self.tools is None:
             raise RuntimeError("credit=mc samples continuations through the rollout engines: "
                                "start(tools) with a sampler first")
         if batch.pixel_values is not None:
@@ -85,8 +74,8 @@ class MonteCarloCredit(CreditMethod):
         # scored alike) it changes nothing, and those responses are not continued
         rows = list(range(len(batch.meta))) if batch.seq_advantages is None else \
             batch.seq_advantages.nonzero().flatten().tolist()
-        judge = self.judge(batch)
-        values = mc_token_values(self.tools.sample, lambda i, ids: judge(rows[i], ids),
+        values = mc_token_values(self.tools.sample,
+                                 verifier_judge(self.tools.tok, [batch.meta[i] for i in rows]),
                                  [batch.meta[i]["prompt"].ids for i in rows],
                                  [batch.input_ids[i][resp[i]].tolist() for i in rows],
                                  self.p.k, self.tools.max_new_tokens, self.p.stride,
