@@ -54,11 +54,7 @@ def response_advantages(values, resp: torch.Tensor) -> torch.Tensor:
 @register("mc")
 class MonteCarloCredit(CreditMethod):
     Params = MonteCarloParams
-
-    def __init__(self, strategy, params, seed=0, stats_layers="middle:5"):
-        super().__init__(strategy, params, seed, stats_layers)
-        self.tools: Tools | None = None
-        self.trace: CreditTrace | None = None
+    tools: Tools | None = None  # the running system's, from start()
 
     def start(self, tools: Tools) -> None:
         self.tools = tools
