@@ -45,10 +45,10 @@ def resolve_checkpoint(path: str) -> Path:
         return p / "hf"
     for root in (p, p / "checkpoints"):
         if root.is_dir() and any(x.name.startswith("step_") for x in root.iterdir()):
-            step = CheckpointManager(root).latest()
-            if step is not None and (step / "hf" / "config.json").is_file():
+            step = CheckpointManager(root, verify_mode="fast").newest_intact()
+            if step is not None:
                 return step / "hf"
-            raise FileNotFoundError(f"{root} holds no complete checkpoint (step_*/trainer_state.json and hf/)")
+            raise FileNotFoundError(f"{root} holds no checkpoint (step_*/ with a manifest.json)")
     raise FileNotFoundError(
         f"{path!r} is not an HF model folder (no config.json), a checkpoint step (no hf/), "
         f"nor a folder of checkpoints (no step_*/ in it or in its checkpoints/)")

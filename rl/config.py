@@ -326,6 +326,9 @@ class TrainConfig:
     save_every: int = 20
     keep_last: int = 2
     resume: bool = False
+    # How a checkpoint is checked against its manifest on resume and after it is written:
+    # full (every file's size and checksum) | fast (sizes; checksums of files up to 64 MiB)
+    verify_checkpoints: str = "full"
     output_dir: str = "outputs/${name}/seed${seed}"
     # Base models and cold-start checkpoints, shared by runs with the same config.
     cache_dir: str = "outputs/cache"

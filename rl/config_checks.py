@@ -7,6 +7,7 @@ fail together, before Ray or any actor starts, each naming the key.
 from __future__ import annotations
 
 from rl.algorithms.overlong import OverlongConfig, validate as validate_overlong
+from rl.loop.manifest import VERIFY_MODES
 from rollout.vllm_engine import scheduling_args
 
 
@@ -144,6 +145,8 @@ def check_sizes(cfg) -> None:
     if cfg.steps < 0 or cfg.keep_last < 0:
         raise ValueError(f"steps={cfg.steps} and keep_last={cfg.keep_last} must be >= 0 "
                          "(steps=0: evaluate the starting policy only; keep_last=0: keep all)")
+    if cfg.verify_checkpoints not in VERIFY_MODES:
+        raise ValueError(f"verify_checkpoints={cfg.verify_checkpoints!r}: one of {VERIFY_MODES}")
     if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < 1:
         raise ValueError(f"cluster.num_cpus={cfg.cluster.num_cpus}: must be >= 1 (or null)")
     store = cfg.cluster.object_store_gb

@@ -29,7 +29,7 @@ from rl.algorithms.mc_values import budget_sampler
 from rl.algorithms.losses import PolicyLoss, PolicyLossConfig
 from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
 from rl.batch import RolloutBatch
-from rl.loop.checkpoint import CheckpointManager, check_same_run
+from rl.loop.checkpoint import EARLIER, CheckpointManager, check_same_run
 from rl.loop.cold_start import base_model_path, load_tokenizer, num_layers, run_cold_start
 from rl.config_checks import check_config, check_layers, overlong_config
 from rl.tasks.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
@@ -118,8 +118,16 @@ class Trainer:
             tis_cap=self.alg.tis_cap, tis_mode=self.alg.tis_mode, loss_agg=self.alg.loss_agg)
         self.methods = build_methods(cfg)
         self.overlong = overlong_config(cfg)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
-        resume_from = self.ckpts.latest() if cfg.resume else None
+        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last, cfg.verify_checkpoints)
+        # verified here, before any actor: the newest intact checkpoint, or a clear error
+        resume_from = self.ckpts.newest_intact() if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            log.info("resume=true: no checkpoint in %s, starting fresh", self.ckpts.root)
+        elif not cfg.resume and (n := self.ckpts.set_aside()):
+            log.warning("resume=false: %d checkpoints of an earlier run in %s moved to %s/, removed "
+                        "once this run's first checkpoint is written (resume=true continues a run)",
+                        n, self.ckpts.root, EARLIER)
+        self.resumed_from = resume_from  # (summary.json)
         run_config = OmegaConf.to_container(cfg, resolve=True)
         if resume_from is not None:
             check_same_run(self.out / "config.yaml", run_config)
@@ -229,7 +237,7 @@ class Trainer:
         if self.failures > self.cfg.max_failures:
             raise RuntimeError(f"the learner group failed {self.failures} times "
                                f"(max_failures={self.cfg.max_failures}); last: {err}") from err
-        ckpt = self.ckpts.latest()
+        ckpt = self.ckpts.newest_intact()
         log.warning("learner failure %d of at most %d at step %d: %s — restarting the group from "
                     "%s", self.failures, self.cfg.max_failures, self.step + 1, err,
                     ckpt or "the start of RL")
@@ -488,8 +496,9 @@ class Trainer:
         self.state.update({"step": step, "seed": self.cfg.seed,
                            "data_position": step * self.alg.prompts_per_step})
         t0 = time.perf_counter()
-        path = self.ckpts.save(step, self.state, write)
+        path, times = self.ckpts.save(step, self.state, write)
         self.timings["last_save_s"] = time.perf_counter() - t0  # (summary.json)
+        self.timings.update({f"last_save_{k}": v for k, v in times.items()})
         return path
 
     # --- the loop ------------------------------------------------------------------------------
@@ -567,6 +576,7 @@ class Trainer:
                    "steps": self.step,
                    "policy_init": self.policy_init,  # the cold start, or what a stage before RL made of it
                    "stopped_by": signals.received,  # SIGTERM / SIGINT, or None
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "learner_restarts": self.failures, "engine_restarts": self.engines.restarts,
                    "rl_wall_s": time.perf_counter() - t_loop, **self.timings}
         for m in self.methods:  # its figures, and its share of step time (mean over the steps)

@@ -40,7 +40,7 @@ NEEDS_GPU = re.compile(r"model=qwen3_")
 class Command:
     text: str      # as written in the README (continuations joined, comment dropped)
     line: int      # README line where it starts
-    entry: str     # launch.train | launch.sft | launch.distill | launch.inspect
+    entry: str     # launch.train | launch.sft | launch.distill | launch.inspect | launch.verify
 
     @property
     def sweep(self) -> bool:

@@ -142,6 +142,9 @@ def test_readme_command(cmd: Command, workspace: Path):
             if "--vas" in args:
                 assert (out / f"sample_{i}_avar.png").read_bytes()[:4] == b"\x89PNG", tail
                 assert "VAS, response tokens" in (out / f"sample_{i}.html").read_text(), tail
+    elif cmd.entry == "launch.verify":  # the runs above it left intact checkpoints
+        assert re.search(r"step_\d{6}  intact", log) and "DAMAGED" not in log, tail
+        assert "resume=true continues from" in log, tail
     else:
         pytest.fail(f"no check for entry point {cmd.entry}")
 

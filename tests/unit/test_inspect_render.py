@@ -1,7 +1,7 @@
 """Credit pictures (rl/methods/credit/render.py) and the `launch.inspect` tool end to end on a tiny model."""
 import html
-import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,12 +84,19 @@ def test_inspect_generates_and_writes_pages(tiny_model_dir, tmp_path, capsys):
 def test_inspect_scores_a_given_response_from_a_trainer_output_dir(tiny_model_dir, tmp_path):
     from launch.inspect import main
 
+    import shutil
+
+    from rl.loop.checkpoint import CheckpointManager
+
+    def write(tmp: Path) -> None:  # a checkpoint's learner part: an HF folder and a ds/ file
+        shutil.copytree(tiny_model_dir, tmp / "hf")
+        (tmp / "ds").mkdir()
+        (tmp / "ds" / "state.pt").write_bytes(b"not read by inspect")
+
     run = tmp_path / "run"
+    manager = CheckpointManager(run / "checkpoints")
     for step in (1, 2):
-        d = run / "checkpoints" / f"step_{step:06d}"
-        d.mkdir(parents=True)
-        (d / "trainer_state.json").write_text(json.dumps({"step": step}))
-        (d / "hf").symlink_to(tiny_model_dir)
+        manager.save(step, {"step": step}, write)
     response = "7+5=12\n4+8+1=13\n3+2+1=6\n#### 632"
     out = tmp_path / "out"
     main(["--checkpoint", str(run), "--prompt", "Add.\n347+285\n", "--response", response,
