@@ -499,6 +499,9 @@ class Trainer:
         path, times = self.ckpts.save(step, self.state, write)
         self.timings["last_save_s"] = time.perf_counter() - t0  # (summary.json)
         self.timings.update({f"last_save_{k}": v for k, v in times.items()})
+        log.info("checkpoint %s written in %.2f s (learner and state %.2f s, manifest %.2f s, "
+                 "verification %.2f s)", path, self.timings["last_save_s"], times["write_s"],
+                 times["manifest_s"], times["verify_s"])
         return path
 
     # --- the loop ------------------------------------------------------------------------------
