@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -157,10 +158,21 @@ def _source_class():
     return RoundSource
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+@contextmanager
+def reserved_port():
+    """A port on this node that nothing else takes until the block ends, for a server this
+    process binds inside it with SO_REUSEADDR (vLLM's `StatelessProcessGroup.create` does).
+
+    The port is held by a socket bound to it on all interfaces with SO_REUSEADDR and not
+    listening: a second SO_REUSEADDR bind succeeds while no socket on the port listens (so
+    vLLM's does), a plain bind+listen of it fails with EADDRINUSE, and the kernel's choice of
+    a port for bind(port 0) or an outgoing connection skips a port a socket is bound to
+    (tests/unit/test_reserved_port.py). A number from a socket bound and closed could be taken
+    by any of those before the server binds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @dataclass
@@ -220,10 +232,13 @@ def open_sender(backend: str, engines: list, rank: int, bucket_bytes: int) -> Co
     if backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        info = NCCLTrainerInitInfo(
-            master_address=ray.util.get_node_ip_address(), master_port=_free_port(),
-            world_size=transfer_world_size(workers), packed=True,
-            packed_buffer_size_bytes=bucket_bytes, rank=0)
+        # held until trainer_init returns: by then vLLM's store (in this process) listens on it
+        with reserved_port() as port:
+            info = NCCLTrainerInitInfo(
+                master_address=ray.util.get_node_ip_address(), master_port=port,
+                world_size=transfer_world_size(workers), packed=True,
+                packed_buffer_size_bytes=bucket_bytes, rank=0)
+            engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
     elif backend == "ipc":
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise RuntimeError("ipc transport: only a one-rank learner is supported (vLLM's IPC "
@@ -231,7 +246,7 @@ def open_sender(backend: str, engines: list, rank: int, bucket_bytes: int) -> Co
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
         info = IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=bucket_bytes, rank=0)
+        engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
     else:
         raise ValueError(f"unknown collective backend {backend!r}")
-    engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
     return CollectiveSender(backend, bucket_bytes, engine, client, source)

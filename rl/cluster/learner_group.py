@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 import ray
@@ -18,7 +19,7 @@ from ray.exceptions import RayError
 
 from rl.engine.base import Loss
 from rl.engine.deepspeed_engine import DeepSpeedEngine, DSEngineConfig, release_cached_memory
-from rl.cluster.placement import bundle, kill_and_wait, rank_env, rendezvous_port, reserve, where_am_i
+from rl.cluster.placement import bundle, kill_and_wait, rank_env, reserve, where_am_i
 from rl.cluster.remote_calls import ActorFailure, LearnerFailure, get_all
 from rollout.weight_sync import WeightTransport, get_transport
 
@@ -26,15 +27,36 @@ log = logging.getLogger(__name__)
 
 
 class LearnerWorker:
-    """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine."""
+    """One rank. Lives in a Ray actor; `call` forwards to the TrainEngine, built by `start`
+    once the group's rendezvous is open (rank 0: `open_rendezvous` first)."""
 
     def __init__(self, env: dict[str, str], cfg: DSEngineConfig, torch_threads: int | None,
                  cpu_groups: int = 1):
         torch.set_num_threads(torch_threads or rank_threads(int(env["LOCAL_WORLD_SIZE"]) * cpu_groups))
         os.environ.update(env)  # RANK, LOCAL_RANK, MASTER_ADDR, ...: Ray actors have no launcher
         self.rank = int(env["RANK"])
-        self.engine = DeepSpeedEngine(cfg)
+        self.cfg = cfg
+        self.store = None  # the group's rendezvous (rank 0 hosts it)
+        self.engine = None
         self.sender = None  # a collective weight transport, once connected
+
+    def open_rendezvous(self) -> int:
+        """Rank 0: host the group's TCPStore on a port the OS picks (all interfaces), and keep
+        it. Its port: a port chosen elsewhere and bound here later can be taken in between."""
+        self.store = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], 0, int(os.environ["WORLD_SIZE"]), is_master=True,
+            timeout=timedelta(seconds=self.cfg.collective_timeout_s), wait_for_workers=False)
+        return self.store.port
+
+    def start(self, port: int) -> None:
+        """Join the group over rank 0's store at MASTER_ADDR:`port` (every rank at once: the
+        process group forms when all have joined) and build the engine."""
+        os.environ["MASTER_PORT"] = str(port)
+        if self.store is None:
+            self.store = torch.distributed.TCPStore(
+                os.environ["MASTER_ADDR"], port, int(os.environ["WORLD_SIZE"]), is_master=False,
+                timeout=timedelta(seconds=self.cfg.collective_timeout_s))
+        self.engine = DeepSpeedEngine(self.cfg, store=self.store)
 
     def where(self) -> dict:
         return where_am_i()
@@ -80,6 +102,13 @@ class LearnerWorker:
             self.sender = None
 
 
+def rendezvous_port(rank0, timeout_s: float | None) -> int:
+    """The group's rendezvous port: rank 0 opens its store on a port the OS picks and holds it
+    from then on, so nothing on the node can take it before the other ranks connect."""
+    return get_all([rank0.open_rendezvous.remote()], timeout_s, "learner rendezvous",
+                   LearnerFailure)[0]
+
+
 def out_of_memory_advice(rank: int, method: str) -> str:
     """What to change when a learner rank runs out of GPU memory."""
     return (f"learner rank {rank} ran out of GPU memory in {method}: lower "
@@ -119,10 +148,11 @@ class LearnerGroup:
         self.placement = reserve("learner", bundle(num_cpus_per_rank, num_gpus_per_rank,
                                                    resources_per_rank),
                                  num_ranks, "PACK", placement_timeout_s)
-        port = rendezvous_port(self.placement, placement_timeout_s)
-        envs = rank_env(self.placement.node_ids, self.placement.node_ips, port)
+        envs = rank_env(self.placement.node_ids, self.placement.node_ips)
         self.workers = [ray.remote(LearnerWorker).options(**self.placement.options(r))
                         .remote(envs[r], cfg, torch_threads, cpu_groups) for r in range(num_ranks)]
+        port = rendezvous_port(self.workers[0], call_timeout_s)
+        self._get([w.start.remote(port) for w in self.workers], "start")
         self._all("set_lr", cfg.lr)
         self.procs = [(w["node_id"], w["pid"]) for w in self.where()]  # waited for at shutdown
         self.start_s = time.perf_counter() - t0

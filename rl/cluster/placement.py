@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -95,32 +94,21 @@ def reserve(what: str, b: dict[str, float], count: int, strategy: str,
     return Placement(what, group, dict(b), node_ids, [ips[n] for n in node_ids])
 
 
-def rank_env(node_ids: list[str], node_ips: list[str], port: int) -> list[dict[str, str]]:
+def rank_env(node_ids: list[str], node_ips: list[str]) -> list[dict[str, str]]:
     """torch.distributed's environment for ranks in bundle order: RANK, WORLD_SIZE, LOCAL_RANK
     (the index of the rank's device among the devices it sees: 0, since Ray shows a rank only
     its own GPU — DeepSpeed binds the process group to cuda:LOCAL_RANK, and a torchrun-style
     node position would name a device the second rank on a node does not have),
     NODE_LOCAL_RANK (the rank's index among the group's ranks on its node), LOCAL_WORLD_SIZE
-    (their count), MASTER_ADDR/PORT (the rendezvous on rank 0's node)."""
+    (their count), MASTER_ADDR (rank 0's node, where the rendezvous is). MASTER_PORT comes
+    later: the port rank 0's store bound (rl/cluster/learner_group.py rendezvous_port)."""
     envs = []
     for rank, node in enumerate(node_ids):
         envs.append({"RANK": str(rank), "WORLD_SIZE": str(len(node_ids)), "LOCAL_RANK": "0",
                      "NODE_LOCAL_RANK": str(node_ids[:rank].count(node)),
                      "LOCAL_WORLD_SIZE": str(node_ids.count(node)),
-                     "MASTER_ADDR": node_ips[0], "MASTER_PORT": str(port)})
+                     "MASTER_ADDR": node_ips[0]})
     return envs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def rendezvous_port(p: Placement, timeout_s: float) -> int:
-    """A free port on rank 0's node, found by a task placed on rank 0's bundle."""
-    task = ray.remote(free_port).options(**p.options(0))
-    return ray.get(task.remote(), timeout=timeout_s)
 
 
 def where_am_i() -> dict:

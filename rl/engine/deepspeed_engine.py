@@ -77,7 +77,11 @@ class DSEngineConfig:
 
 
 class DeepSpeedEngine(TrainEngine):
-    def __init__(self, cfg: DSEngineConfig):
+    def __init__(self, cfg: DSEngineConfig, store: torch.distributed.Store | None = None):
+        """`store`: the group's rendezvous, already open (rl/cluster/learner_group.py: rank 0
+        hosts it on a port it holds from the start). Without one, the process group forms
+        from MASTER_ADDR/MASTER_PORT (env://, as under torchrun). RANK and WORLD_SIZE come
+        from the environment either way."""
         import deepspeed
 
         self.cfg = cfg
@@ -87,8 +91,10 @@ class DeepSpeedEngine(TrainEngine):
             bind_first_visible_gpu()
         else:
             skip_cpu_shm_op()
-        deepspeed.init_distributed(dist_backend=backend,
-                                   timeout=timedelta(seconds=cfg.collective_timeout_s))
+        timeout = timedelta(seconds=cfg.collective_timeout_s)
+        if store is not None:  # DeepSpeed then finds torch.distributed initialized and uses it
+            init_process_group(backend, store, timeout, on_gpu)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         torch.manual_seed(cfg.seed)
@@ -444,6 +450,17 @@ def device_env(env: dict) -> dict[str, str]:
     LOCAL_RANK 0, the node position it held kept as NODE_LOCAL_RANK."""
     return {"NODE_LOCAL_RANK": env.get("NODE_LOCAL_RANK", env.get("LOCAL_RANK", "0")),
             "LOCAL_RANK": "0"}
+
+
+def init_process_group(backend: str, store: torch.distributed.Store, timeout: timedelta,
+                       on_gpu: bool) -> None:
+    """torch.distributed's default group over `store`, as `deepspeed.init_distributed` would
+    form it from env:// (deepspeed/comm/torch.py, init_process_group): on CUDA with more than
+    one rank bound to the process's device (cuda:0, bind_first_visible_gpu)."""
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = {"device_id": torch.device("cuda", 0)} if on_gpu and world_size > 1 else {}
+    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                         world_size=world_size, timeout=timeout, **device)
 
 
 def bind_first_visible_gpu() -> None:

@@ -13,20 +13,20 @@ def test_rank_env_on_two_nodes_interleaved():
     # bundles landed on nodes B, A, B, B (PACK may interleave): NODE_LOCAL_RANK counts this
     # node's earlier ranks; LOCAL_RANK, the rank's device among those it sees, is 0 for all
     # (Ray shows each its own GPU); MASTER_ADDR is rank 0's node whatever the others are
-    envs = rank_env(["B", "A", "B", "B"], ["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.2"], 29500)
+    envs = rank_env(["B", "A", "B", "B"], ["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.2"])
     assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
     assert [e["NODE_LOCAL_RANK"] for e in envs] == ["0", "0", "1", "2"]
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "0", "0", "0"]
     assert [e["LOCAL_WORLD_SIZE"] for e in envs] == ["3", "1", "3", "3"]
     assert {e["WORLD_SIZE"] for e in envs} == {"4"}
     assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.2"}
-    assert {e["MASTER_PORT"] for e in envs} == {"29500"}
+    assert not any("MASTER_PORT" in e for e in envs)  # rank 0's store picks it at start
 
 
 def test_rank_env_single_node():
-    envs = rank_env(["n"], ["127.0.0.1"], 1234)
+    envs = rank_env(["n"], ["127.0.0.1"])
     assert envs == [{"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "NODE_LOCAL_RANK": "0",
-                     "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}]
+                     "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}]
 
 
 def test_a_learner_process_started_with_a_node_position_in_local_rank_uses_its_first_gpu():
