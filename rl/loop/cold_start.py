@@ -1,8 +1,9 @@
 """Where the RL policy starts: the base model, then a supervised warm-start on worked solutions.
 
 Both products are cached under `<cache>/` by a hash of the config that made them, written to a
-temporary folder and renamed into place, so a crash never leaves a half-written model that a
-later run would trust, and seeds × methods sweeps share one cold start.
+temporary folder with a manifest (rl/loop/manifest.py) and renamed into place, so a crash never
+leaves a half-written model that a later run would trust, a damaged one is rebuilt, and
+seeds × methods sweeps share one cold start.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rl.algorithms.losses import SftLoss
+from rl.loop.manifest import MANIFEST, verify, write_manifest
 from rl.tasks.data import collate_sft, encode_prompt, train_samples_at
 from rl.tasks.prompt_format import prompt_format
 from rl.tasks import get_task
@@ -36,13 +38,30 @@ def config_hash(*parts) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def reusable(final: Path) -> bool:
+    """A cached folder can be used: it verifies against its manifest (sizes; checksums of files
+    up to 64 MiB), or it was cached before manifests existed (no manifest: used as it is). A
+    damaged one is removed, to be built again."""
+    if not final.exists():
+        return False
+    if not (final / MANIFEST).exists():
+        return True
+    verdict = verify(final, "fast")
+    if not verdict.intact:
+        log.warning("cached %s is damaged (%s): building it again", final, verdict.describe())
+        shutil.rmtree(final, ignore_errors=True)
+    return verdict.intact
+
+
 def atomic_dir(final: Path, build) -> Path:
-    """Run build(tmp_dir) and rename tmp_dir to `final`; a concurrent winner is kept."""
-    if final.exists():
+    """Run build(tmp_dir), write its manifest and rename tmp_dir to `final`; a concurrent
+    winner is kept."""
+    if reusable(final):
         return final
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     build(tmp)
+    write_manifest(tmp, kind=final.name.split("-")[0], step=None)
     try:
         os.rename(tmp, final)
     except OSError:
@@ -124,7 +143,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
     key = config_hash(model_key(cfg.model), cfg.task.name, params, cfg.task.seed, schedule,
                       *([objective.key] if objective else []))
     final = cache / f"{prefix}-{key}"
-    if final.exists() and cs.reuse:
+    if cs.reuse and reusable(final):
         log.info("%s: reusing %s", prefix.replace("_", " "), final)
         return str(final)
 

@@ -85,7 +85,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path, kind: str, step: int) -> dict:
+def write_manifest(folder: Path, kind: str, step: int | None) -> dict:
     """Flush every file of `folder` to disk, then write its manifest (last, also flushed, with
     every folder's entry). Files written by other processes on other nodes of a shared
     filesystem were flushed by their writer's close; this reads what the filesystem serves."""

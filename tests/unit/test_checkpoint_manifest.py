@@ -186,3 +186,28 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_until_its_own_first(
     assert [p.name for p in mgr.list()] == ["step_000005"] and not aside.exists()
     assert mgr.newest_intact() == tmp_path / "step_000005"
     assert mgr.set_aside() == 1 and mgr.list() == []
+
+
+def test_a_cached_model_carries_a_manifest_and_a_damaged_one_is_built_again(tmp_path, caplog):
+    from rl.loop.cold_start import atomic_dir
+
+    builds = []
+
+    def build(tmp: Path) -> None:
+        builds.append(tmp)
+        writer(len(builds))(tmp)
+
+    final = tmp_path / "cold_start-abc"
+    assert atomic_dir(final, build) == final and len(builds) == 1
+    m = json.loads((final / MANIFEST).read_text())
+    assert m["kind"] == "cold_start" and m["step"] is None and verify(final).intact
+    atomic_dir(final, build)
+    assert len(builds) == 1  # intact: reused
+    truncate(final / "hf" / "config.json", 3)
+    with caplog.at_level(logging.WARNING, logger="rl.loop.cold_start"):
+        atomic_dir(final, build)
+    assert len(builds) == 2 and verify(final).intact
+    assert any("is damaged (hf/config.json: 3 bytes" in r.getMessage() for r in caplog.records)
+    os.remove(final / MANIFEST)  # cached before manifests existed: used as it is
+    atomic_dir(final, build)
+    assert len(builds) == 2

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rewards import RewardPool
-from rl.loop.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at
+from rl.loop.cold_start import atomic_dir, config_hash, load_tokenizer, lr_at, reusable
 from rl.algorithms.losses import DistillLoss, TopKTargets
 from rl.tasks.data import train_samples_at
 from rl.methods.leaf.confounders import precision_recall_f1
@@ -64,7 +64,7 @@ def run_distill(cfg, cache: Path, student_path: str, progress: bool = True) -> s
                       cfg.model.prompt_prefix, cfg.model.response_prefix, cfg.rollout.max_new_tokens,
                       d, detection_keys(cfg), t.placement, t.topk, cfg.seed)
     final = cache / f"distill_{d.name}-{key}"
-    if final.exists() and d.reuse:
+    if d.reuse and reusable(final):
         log.info("distill (%s): reusing %s", d.name, final)
         return str(final)
     shutil.rmtree(final, ignore_errors=True)
