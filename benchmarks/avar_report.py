@@ -22,8 +22,9 @@ ORDER = ["grpo", "vars", "agto", "agto_vars"]
 def table(runs: dict, arms: list[str]) -> str:
     base = arms[0]
     lines = [f"| arm | seeds | final greedy | Δ vs {base} | final sampled | Δ vs {base} | "
-             "VAS response: start → final | VAS query: start → final | r_visual (correct) min / mean / max | "
-             "step s | VARS share of step |", "|" + "---|" * 11]
+             "VAS response: start → final | VAS query: start → final | evidence share (pooled), "
+             "response: start → final | r_visual (correct) min / mean / max | "
+             "step s | VARS share of step |", "|" + "---|" * 12]
     for a in arms:
         rs = runs[a]
 
@@ -32,6 +33,7 @@ def table(runs: dict, arms: list[str]) -> str:
             return (pm([v[0] for v in vals if v], 2), pm([v[-1] for v in vals if v], 2))
 
         v_r, v_q = first_last("eval/vas_response"), first_last("eval/vas_query")
+        share = first_last("eval/evidence_share_response")
         rv = [tuple(mean_metric(r, f"vars/r_visual_{k}") for k in ("min", "mean", "max"))
               for r in rs.values()]
         rv_txt = ("—" if all(x != x for t in rv for x in t) else
@@ -44,16 +46,17 @@ def table(runs: dict, arms: list[str]) -> str:
             f"{paired(runs, a, base, 'final_accuracy')} | "
             f"{pm([100 * r['summary']['final_accuracy_sampled'] for r in rs.values()])} | "
             f"{paired(runs, a, base, 'final_accuracy_sampled')} | {v_r[0]} → {v_r[1]} | "
-            f"{v_q[0]} → {v_q[1]} | {rv_txt} | "
+            f"{v_q[0]} → {v_q[1]} | {share[0]} → {share[1]} | {rv_txt} | "
             f"{np.mean([mean_metric(r, 'time/step_s') for r in rs.values()]):.2f} | {share_txt} |")
     return "\n".join(lines) + "\n"
 
 
-def layer_table(runs: dict, arms: list[str]) -> str:
-    """VAS of the response tokens per layer, cold start → final (mean ± std over seeds): the
-    model-level VAS is a mean of ratios, so one layer whose system mass is ~0 can own it."""
+def layer_table(runs: dict, arms: list[str], metric: str = "eval/vas_response") -> str:
+    """`metric` of the response tokens per layer, cold start → final (mean ± std over seeds):
+    the model-level VAS is a mean of ratios, so one layer whose system mass is ~0 can own it;
+    the evidence share (a pooled fraction) cannot be owned so."""
     some = next(iter(runs[arms[0]].values()))["metrics"][0]
-    layers = sorted(int(k.rsplit("_L", 1)[1]) for k in some if k.startswith("eval/vas_response_L"))
+    layers = sorted(int(k.rsplit("_L", 1)[1]) for k in some if k.startswith(f"{metric}_L"))
     if not layers:
         return ""
     lines = ["| arm | " + " | ".join(f"L{i}: start → final" for i in layers) + " |",
@@ -61,7 +64,7 @@ def layer_table(runs: dict, arms: list[str]) -> str:
     for a in arms:
         cells = []
         for i in layers:
-            key = f"eval/vas_response_L{i}"
+            key = f"{metric}_L{i}"
             vals = [[m[key] for m in r["metrics"] if key in m] for r in runs[a].values()]
             cells.append(f"{pm([v[0] for v in vals if v], 2)} → {pm([v[-1] for v in vals if v], 2)}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -81,6 +84,8 @@ def main() -> None:
     text = table(runs, arms)
     if layers := layer_table(runs, arms):
         text += "\nVAS (response tokens) per layer:\n\n" + layers
+    if layers := layer_table(runs, arms, "eval/evidence_share_response"):
+        text += "\nEvidence share (response tokens, pooled) per layer:\n\n" + layers
     (args.out / "table.md").write_text(text)
     plot_curves(runs, arms, [("eval/accuracy", "held-out accuracy, greedy (%)", 100),
                              ("eval/accuracy_sampled", "held-out accuracy, sampled (%)", 100),

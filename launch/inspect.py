@@ -338,7 +338,7 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str 
     import torch
 
     from rl.methods.avar.scores import (EVIDENCE, SYSTEM, key_classes, r_visual, user_query_mask, vas,
-                                visual_ratio)
+                                vas_pooled, visual_ratio)
     from rl.tasks.data import pad_rows
 
     mass = {layer: st["mass"] for layer, st in stats.items()}
@@ -348,6 +348,7 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str 
     ratio = visual_ratio(mass)
     vas_r, per_layer_r = vas(mass, resp)
     vas_q, per_layer_q = vas(mass, query)
+    pooled = vas_pooled(mass, resp)
     r_vis = r_visual(mass, resp, torch.ones(len(responses)))
     views = []
     for i, r in enumerate(responses):
@@ -355,10 +356,13 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str 
         n = len(ids)
         table = {"VAS, response tokens": f"{float(vas_r[i]):.3f}",
                  "VAS, user-query tokens": f"{float(vas_q[i]):.3f}",
+                 "VAS pooled (Σ evidence / Σ system), response": f"{float(pooled.ratio[i]):.3f}",
+                 "evidence share (Σ e / (Σ e + Σ s)), response": f"{float(pooled.share[i]):.3f}",
                  "r_visual (VARS, if correct)": f"{float(r_vis[i]):.3f}"}
         for j, layer in enumerate(sorted(mass)):
-            table[f"layer {layer}: VAS response / query"] = \
-                f"{float(per_layer_r[j, i]):.3f} / {float(per_layer_q[j, i]):.3f}"
+            table[f"layer {layer}: VAS response / query; evidence share"] = \
+                (f"{float(per_layer_r[j, i]):.3f} / {float(per_layer_q[j, i]):.3f}; "
+                 f"{float(pooled.share_by_layer[j, i]):.3f}")
         views.append({"tokens": [tok.decode([t]) for t in ids],
                       "values": {"evidence/system": [_short(x) for x in ratio[i, :n].tolist()]},
                       "marks": {"system": (kc[i, :n] == SYSTEM).tolist(),

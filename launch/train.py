@@ -90,7 +90,10 @@ def avar_line(summary: dict) -> list[str]:
         return []
     share = summary.get("vars_share_of_step", float("nan"))
     cost = f"; VARS = {100 * share:.1f}% of step time" if share == share else ""
-    return [f"AVAR: VAS (response tokens) {vas0:.2f} → {vas1:.2f}{cost}"]
+    pooled = " → ".join(f"{summary.get(f'{w}_vas_pooled', float('nan')):.3f}" for w in ("cold_start", "final"))
+    share = " → ".join(f"{summary.get(f'{w}_evidence_share', float('nan')):.3f}" for w in ("cold_start", "final"))
+    return [f"AVAR: VAS (response tokens) {vas0:.2f} → {vas1:.2f}; pooled {pooled}; evidence share "
+            f"{share}{cost}"]
 
 
 def fault_lines(summary: dict) -> list[str]:

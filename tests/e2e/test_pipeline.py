@@ -316,17 +316,19 @@ def safetensors_bytes(model_dir, auto=None) -> float:
     return float(len(save({n: p.detach().contiguous() for n, p in model.named_parameters()})))
 
 
-def vas_by_definition(model_dir, batch) -> float:
+def vas_by_definition(model_dir, batch) -> dict[str, float]:
     """AVAR's VAS (§3.1) of a batch, from float64 eager attention maps: per row, the mean over
     layers, heads and response tokens of (attention to the evidence) / (attention to the system
-    prompt); then the mean over rows."""
+    prompt); then the mean over rows (`vas`). With the same cells pooled: Σ evidence / Σ system
+    (`vas_pooled`) and Σ evidence / (Σ evidence + Σ system) (`evidence_share`), per row, then
+    the mean over rows."""
     from transformers import AutoModelForCausalLM
 
     from rl.batch import TOKEN_CLASS
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64,
                                                  attn_implementation="eager").eval()
-    per_row = []
+    per_row, pooled, share = [], [], []
     for i in range(len(batch)):
         real = batch.attention_mask[i].bool()
         ids, classes, resp = (x[i][real] for x in (batch.input_ids, batch.token_classes,
@@ -338,7 +340,13 @@ def vas_by_definition(model_dir, batch) -> float:
                   for A in maps for h in range(A.shape[1]) for q in resp.nonzero()[:, 0].tolist()]
         if ratios:
             per_row.append(sum(ratios) / len(ratios))
-    return sum(per_row) / len(per_row)
+            q = resp.nonzero()[:, 0]
+            e = sum(float(A[0][:, q][..., evidence].sum()) for A in maps)
+            s = sum(float(A[0][:, q][..., system].sum()) for A in maps)
+            pooled.append(e / s)
+            share.append(e / (e + s))
+    return {k: sum(v) / len(v) for k, v in (("vas", per_row), ("vas_pooled", pooled),
+                                             ("evidence_share", share))}
 
 
 def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dataset, cache_dir,
@@ -426,8 +434,10 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
         assert m[step]["eval/vas_response"] == pytest.approx(sum(per_layer) / 4, rel=1e-5)
     # VAS before RL, by its definition on float64 eager maps of the policy RL started from
     assert len(evaluated) == 2  # steps 0 and 2
-    assert m[0]["eval/vas_response"] == pytest.approx(vas_by_definition(policy_init, evaluated[0]),
-                                                      rel=1e-4)
+    by_definition = vas_by_definition(policy_init, evaluated[0])
+    for key in ("vas", "vas_pooled", "evidence_share"):
+        assert m[0][f"eval/{key}_response"] == pytest.approx(by_definition[key], rel=1e-4), key
+        assert summary[f"cold_start_{key}"] == m[0][f"eval/{key}_response"]
     assert summary["cold_start_vas"] == m[0]["eval/vas_response"]
     assert summary["final_vas"] == m[2]["eval/vas_response"]
     assert m[1]["time/vars_share"] == pytest.approx(
@@ -437,8 +447,10 @@ def test_coupled_credit_runs_through_the_loop(ray_session, tmp_path_factory, dat
         for name in ("min", "mean", "max"):
             assert m[step][f"vars/r_visual_{name}"] == pytest.approx(float(getattr(raw, name)()),
                                                                     rel=1e-5), (step, name)
-    plots = [r for r in rows if r.get("eval/vas_by_layer_table/_type") == "table-file"]
-    assert [r["eval/vas_by_layer_table/nrows"] for r in plots] == [8, 8]  # 4 layers × 2 lines, steps 0, 2
+    for chart in ("vas", "evidence_share"):
+        plots = [r for r in rows if r.get(f"eval/{chart}_by_layer_table/_type") == "table-file"]
+        # 4 layers × 2 lines, steps 0, 2
+        assert [r[f"eval/{chart}_by_layer_table/nrows"] for r in plots] == [8, 8], chart
 
 
 class Recording:

@@ -18,7 +18,7 @@ import transformers
 from kernels import StatsSpec
 from kernels.capture import AttentionCapture
 from rl.methods.avar.scores import (EVIDENCE, SYSTEM, agto_loss, check_classes, key_classes,
-                            normalise_visual, r_visual, user_query_mask, vas)
+                            normalise_visual, r_visual, user_query_mask, vas, vas_pooled)
 from rl.batch import TOKEN_CLASS
 from rl.tasks.data import collate_sft, encode_prompt
 from rl.tasks import get_task
@@ -107,6 +107,19 @@ def test_masses_vas_and_r_visual_equal_eager_maps(model, batch):
         got, per_layer = vas(mass, q)
         assert got.tolist() == pytest.approx(ref, rel=1e-5)
         assert per_layer.mean(0).tolist() == pytest.approx(ref, rel=1e-5)
+
+        # the headline: pooled sums over (layer, head, query token) cells, and the evidence share
+        pooled = vas_pooled(mass, q)
+        for row in range(len(kc)):
+            cells = q[row].nonzero()[:, 0]
+            e_l = [float(eager_class_mass(A, kc, EVIDENCE)[row][:, cells].sum()) for A in maps]
+            s_l = [float(eager_class_mass(A, kc, SYSTEM)[row][:, cells].sum()) for A in maps]
+            assert float(pooled.ratio[row]) == pytest.approx(sum(e_l) / sum(s_l), rel=1e-5)
+            assert float(pooled.share[row]) == pytest.approx(sum(e_l) / (sum(e_l) + sum(s_l)), rel=1e-5)
+            assert pooled.ratio_by_layer[:, row].tolist() == pytest.approx(
+                [e / s for e, s in zip(e_l, s_l)], rel=1e-5)
+            assert pooled.share_by_layer[:, row].tolist() == pytest.approx(
+                [e / (e + s) for e, s in zip(e_l, s_l)], rel=1e-5)
 
     # r_visual: per response token, per layer, the head-averaged masses' ratio (+ε); gated
     correct = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
@@ -219,3 +232,25 @@ def test_token_sets_and_bad_inputs():
         check_classes(key_classes(tc, evidence="image"), "vlm")
     with pytest.raises(ValueError, match="avar.evidence"):
         key_classes(tc, evidence="audio")
+
+
+def test_pooled_vas_on_a_hand_worked_case():
+    """Two layers, one head, two tokens, the second the only query token. Layer 0 gives it
+    evidence 0.3 / system 0.6; layer 1 0.2 / 1e-12 (no sink among the system keys). The mean
+    of ratios is ruled by layer 1; the pooled ratio and share are not. A row with no query
+    token is NaN."""
+    def layer(e, s):
+        m = torch.zeros(2, 1, 2, 2)
+        m[:, 0, 1] = torch.tensor([e, s])
+        m[:, 0, 0] = torch.tensor([9.0, 9.0])  # not a query token: ignored
+        return m
+
+    mass = {0: layer(0.3, 0.6), 1: layer(0.2, 1e-12)}
+    query = torch.tensor([[False, True], [False, False]])
+    got = vas_pooled(mass, query)
+    assert float(got.ratio[0]) == pytest.approx(0.5 / (0.6 + 1e-12))
+    assert float(got.share[0]) == pytest.approx(0.5 / 1.1)
+    assert got.ratio_by_layer[:, 0].tolist() == pytest.approx([0.5, 0.2 / 1e-12])
+    assert got.share_by_layer[:, 0].tolist() == pytest.approx([1 / 3, 1.0])
+    assert float(vas(mass, query)[0][0]) == pytest.approx((0.5 + 2e11) / 2, rel=1e-6)
+    assert all(torch.isnan(x[..., 1]).all() for x in got)

@@ -8,6 +8,11 @@ reference (tests/unit/test_avar_scores.py).
 
 * `vas`       — the diagnostic: mean over layers, heads and query tokens i ∈ U of the ratio
                 mass_evidence / mass_system (§3.1, a mean of ratios).
+* `vas_pooled` — the headline: Σ mass_evidence / Σ mass_system over the same (layer, head,
+                query) cells (the authors' aggregation in their reward code), and the evidence
+                share Σ m_e / (Σ m_e + Σ m_s) ∈ [0, 1]; overall and per layer. A mean of ratios
+                is ruled by cells whose system mass is ~0 (no attention sink among the system
+                keys): 1e10 on the tiny VLM, where these read as fractions.
 * `r_visual`  — VARS's reward (§3.3.3): per response token and layer, the ratio of the
                 head-averaged masses with ε, averaged over layers then tokens; 0 when wrong.
 * `agto_loss` — the cold start's attention terms (§3.3.2), differentiable through the masses.
@@ -15,7 +20,7 @@ reference (tests/unit/test_avar_scores.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -73,6 +78,31 @@ def vas(mass: dict[int, Tensor], query: Tensor) -> Tensor:
     q = query.to(ratio.dtype)
     per_layer = (ratio * q[None, :, None, :]).sum((2, 3)) / (q.sum(1) * m.shape[2])  # [L, B]
     return per_layer.mean(0), per_layer
+
+
+class PooledVas(NamedTuple):
+    ratio: Tensor           # [B] Σ m_evidence / Σ m_system over layers, heads, query tokens
+    share: Tensor           # [B] Σ m_evidence / (Σ m_evidence + Σ m_system), in [0, 1]
+    ratio_by_layer: Tensor  # [L, B] the same sums within each layer
+    share_by_layer: Tensor  # [L, B]
+
+
+def vas_pooled(mass: dict[int, Tensor], query: Tensor) -> PooledVas:
+    """Per row (and per layer), the pooled ratio and the evidence share of the masses over
+    heads and query tokens (query: [B, N] bool). Rows with no query token get NaN."""
+    m = _stack(mass)
+    q = query.to(m.dtype)[None, :, None, :, None]
+    sums = (m * q).sum((2, 3))                                        # [L, B, 2]
+    e, s = sums[..., EVIDENCE], sums[..., SYSTEM]
+    tiny = torch.finfo(torch.float64).tiny
+    none = ~query.any(1)
+
+    def rows(x: Tensor) -> Tensor:
+        return x.masked_fill(none, float("nan"))
+
+    return PooledVas(rows(e.sum(0) / s.sum(0).clamp_min(tiny)),
+                     rows(e.sum(0) / (e + s).sum(0).clamp_min(tiny)),
+                     rows(e / s.clamp_min(tiny)), rows(e / (e + s).clamp_min(tiny)))
 
 
 def visual_ratio(mass: dict[int, Tensor], eps: float = 1e-6) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from kernels.capture import select_layers
 from rl.methods.avar.scores import (N_CLASSES, AgtoConfig, check_classes, key_classes, normalise_visual,
-                            r_visual, user_query_mask, vas)
+                            r_visual, user_query_mask, vas, vas_pooled)
 from rl.batch import RolloutBatch
 from rl.methods.base import ColdStartObjective, Method, RunInfo, Tools
 
@@ -102,7 +102,9 @@ class Avar(Method):
 
     def vas_metrics(self, batch: RolloutBatch, mass: dict, prefix: str) -> dict[str, float]:
         """VAS over the response tokens and over the user-query tokens (§3.1 leaves U open:
-        both are logged; the README reports the response one), overall and per layer."""
+        both are logged; the README reports the response one), overall and per layer: §3.1's
+        mean of ratios (`vas_*`), and the headline pooled ratio (`vas_pooled_*`) and evidence
+        share (`evidence_share_*`, rl/methods/avar/scores.py vas_pooled), means over rows."""
         out = {}
         queries = {"response": batch.response_mask.bool(),
                    "query": user_query_mask(batch.token_classes, batch.attention_mask,
@@ -111,20 +113,27 @@ class Avar(Method):
             keep = q.any(1)
             if not keep.any():
                 continue
-            per_row, per_layer = vas({k: v[keep] for k, v in mass.items()}, q[keep])
-            out[f"{prefix}/vas_{name}"] = float(per_row.mean())
-            for layer, v in zip(self.layers, per_layer.mean(1).tolist()):
-                out[f"{prefix}/vas_{name}_L{layer}"] = v
+            kept = {k: v[keep] for k, v in mass.items()}
+            per_row, per_layer = vas(kept, q[keep])
+            pooled = vas_pooled(kept, q[keep])
+            for key, row, by_layer in ((f"vas_{name}", per_row, per_layer),
+                                       (f"vas_pooled_{name}", pooled.ratio, pooled.ratio_by_layer),
+                                       (f"evidence_share_{name}", pooled.share, pooled.share_by_layer)):
+                out[f"{prefix}/{key}"] = float(row.mean())
+                for layer, v in zip(self.layers, by_layer.mean(1).tolist()):
+                    out[f"{prefix}/{key}_L{layer}"] = v
         return out
 
     def draw_eval(self, tracker, evals: dict, step: int) -> None:
         """VAS per layer at this evaluation, as one chart (response and user-query tokens as
         two lines)."""
         layers = self.layers
-        series = {u: [evals[f"eval/vas_{u}_L{layer}"] for layer in layers]
-                  for u in ("response", "query") if f"eval/vas_{u}_L{layers[0]}" in evals}
-        tracker.line_plot("eval/vas_by_layer", "layer", layers, series, step)
+        for key in ("vas", "evidence_share"):
+            series = {u: [evals[f"eval/{key}_{u}_L{layer}"] for layer in layers]
+                      for u in ("response", "query") if f"eval/{key}_{u}_L{layers[0]}" in evals}
+            tracker.line_plot(f"eval/{key}_by_layer", "layer", layers, series, step)
 
     def summary(self, before: dict, after: dict) -> dict:
-        return {"cold_start_vas": before.get("eval/vas_response", float("nan")),
-                "final_vas": after.get("eval/vas_response", float("nan"))}
+        return {f"{when}_{key}": evals.get(f"eval/{key}_response", float("nan"))
+                for when, evals in (("cold_start", before), ("final", after))
+                for key in ("vas", "vas_pooled", "evidence_share")}
