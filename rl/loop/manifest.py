@@ -90,17 +90,16 @@ def write_manifest(folder: Path, kind: str, step: int | None) -> dict:
     every folder's entry). Files written by other processes on other nodes of a shared
     filesystem were flushed by their writer's close; this reads what the filesystem serves."""
     folder = Path(folder)
-    files = {}
-    for p in _files(folder):
-        files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size,
-                                                   "crc32": crc32_of(p, sync=True)}
+    paths = _files(folder)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
+                                                "crc32": crc32_of(p, sync=True)} for p in paths}
     manifest = {"format": FORMAT, "kind": kind, "step": step, "commit": code_commit(),
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     with open(folder / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    for d in sorted({folder, *(p.parent for p in folder.rglob("*"))}):
+    for d in sorted({folder, *(p.parent for p in paths)}):  # every folder holding a file
         _fsync_dir(d)
     return manifest
 

@@ -119,11 +119,12 @@ class Trainer:
         self.methods = build_methods(cfg)
         self.overlong = overlong_config(cfg)
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.keep_last, cfg.verify_checkpoints)
-        # verified here, before any actor: the newest intact checkpoint, or a clear error
-        resume_from = self.ckpts.newest_intact() if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            log.info("resume=true: no checkpoint in %s, starting fresh", self.ckpts.root)
-        elif not cfg.resume and (n := self.ckpts.set_aside()):
+        resume_from = None
+        if cfg.resume:  # verified here, before any actor: the newest intact one, or a clear error
+            resume_from = self.ckpts.newest_intact()
+            if resume_from is None:
+                log.info("resume=true: no checkpoint in %s, starting fresh", self.ckpts.root)
+        elif n := self.ckpts.set_aside():
             log.warning("resume=false: %d checkpoints of an earlier run in %s moved to %s/, removed "
                         "once this run's first checkpoint is written (resume=true continues a run)",
                         n, self.ckpts.root, EARLIER)
