@@ -13,7 +13,8 @@ keys `launch.train` reads (built and cached if missing), and n train problems of
    size per prompt: random, perplexity (highest student surprisal) and student-gradient-only
    (highest ĝ_S) — the paper's masking ablation — on all prompts and on those the student gets
    wrong (where LeaF detects), for several quantiles q (one gradient pass; q only moves the
-   threshold).
+   threshold). The same for LeaF per word (leaf.unit=word: mean Δ per word; also the min, for
+   comparison) beside random whole words as many per prompt.
 2. Motivation: the student's greedy accuracy on the distractor prompts as given, after
    deleting each mask (all spans at once, with the spaces beside them), after deleting the
    labelled distractors (oracle), and on the same problems rendered without distractors.
@@ -72,6 +73,21 @@ def delete_mask(examples, masks: torch.Tensor, texts):
     return out
 
 
+def random_words(words: torch.Tensor, chosen: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per row, as many whole words drawn uniformly as `chosen` marks (the word unit's random
+    baseline: same number of words, so deleting it removes whole words too)."""
+    from rl.methods.leaf.confounders import random_mask
+
+    n_words = int(words.max()) + 1 if bool((words >= 0).any()) else 0
+    if n_words == 0:
+        return torch.zeros_like(chosen)
+    index, inside = words.clamp(min=0), words >= 0
+    valid = torch.zeros(words.shape[0], n_words).scatter_add(1, index, inside.float()) > 0
+    picked = torch.zeros(words.shape[0], n_words).scatter_add(1, index, (chosen & inside).float()) > 0
+    draw = random_mask(valid, picked.sum(-1), gen)
+    return inside & draw.gather(1, index)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -88,7 +104,8 @@ def main() -> None:
     from rl.loop.cold_start import load_tokenizer, run_cold_start
     from rl.tasks.data import train_samples_at
     from rl.engine.frozen import FrozenModel
-    from rl.methods.leaf.confounders import confounder_mask, precision_recall_f1, random_mask, top_k_mask
+    from rl.methods.leaf.confounders import (confounder_mask, precision_recall_f1, random_mask,
+                                             top_k_mask, word_confounder_mask, word_ids)
     from rl.methods.leaf.detect import detect, greedy_correct
     from rl.methods.leaf.examples import distractor_labels, instruction_example
     from rl.tasks.prompt_format import prompt_format
@@ -116,6 +133,7 @@ def main() -> None:
     cand = det.candidates
     surp = surprisal(student, examples, tok.pad_token_id)
     surp = torch.nn.functional.pad(surp, (0, max(0, width - surp.shape[1])))[:, :width]
+    words = word_ids(det.texts, cand)
     gen = torch.Generator().manual_seed(args.seed)
     quantiles = [float(q) for q in args.quantiles.split(",")]
 
@@ -147,6 +165,12 @@ def main() -> None:
                 "perplexity (top student surprisal)": top_k_mask(surp.float() * cand, cand, counts),
                 "random (same size)": random_mask(cand, counts, gen),
             }
+            per_word = word_confounder_mask(det.delta, words, q, lf.cap)
+            masks.update({
+                "LeaF per word (mean Δ)": per_word,
+                "LeaF per word (min Δ)": word_confounder_mask(det.delta, words, q, lf.cap, reduce="min"),
+                "random words (as many)": random_words(words, per_word, gen),
+            })
             for name, mask in masks.items():
                 rows.append({"q": q, "mask": name, "share": float(mask[cand].float().mean()),
                              "all": precision_recall_f1(mask, labels, cand),
@@ -207,7 +231,9 @@ def plot(n: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     qs = sorted({r["q"] for r in n["rows"]})
     for name, style in (("LeaF (Δ = ĝ_T − ĝ_S)", "o-"), ("student gradient only (top ĝ_S)", "s--"),
-                        ("perplexity (top student surprisal)", "^--"), ("random (same size)", "x:")):
+                        ("perplexity (top student surprisal)", "^--"), ("random (same size)", "x:"),
+                        ("LeaF per word (mean Δ)", "o-"), ("LeaF per word (min Δ)", "v-."),
+                        ("random words (as many)", "+:")):
         ys = [100 * r["accuracy_after_deletion"] for q in qs for r in n["rows"]
               if r["q"] == q and r["mask"] == name]
         ax.plot(qs, ys, style, label=f"delete: {name}")

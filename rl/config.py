@@ -125,6 +125,7 @@ class LeafConfig:
     name: str = "none"                # none | rl
     quantile: float = 0.10            # confounders: Δ ≤ the per-sample order statistic at ⌊n·q⌋ ...
     cap: float = 0.5                  # ... capped at this value (§2.1)
+    unit: str = "token"               # what is scored, thresholded and pruned: token (the paper) | word (mean Δ per \w+ run or punctuation token; whole words pruned)
     pruning: str = "span"             # span (one counterfactual per span) | collective (all spans at once)
     validate: bool = True             # keep a counterfactual only if teacher and student both answer it correctly
     chunk: int = 64                   # rows per gradient pass

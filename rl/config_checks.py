@@ -28,6 +28,7 @@ VALID_CHOICES = {
     "distill.name": ("none", "kd", "leaf", "leaf_response"),
     "leaf.name": ("none", "rl"),
     "leaf.pruning": ("span", "collective"),
+    "leaf.unit": ("token", "word"),
     "avar.name": ("none", "vas", "vars", "agto", "agto_vars"),
     "avar.evidence": ("evidence", "image"),
     "avar.vars_norm": ("none", "clip", "group_z"),

@@ -134,6 +134,7 @@ def test_credit_param_typo_and_sdpa_conflict_are_named():
     (["teacher.path=/x"], "only read with teacher=hf"),
     (["distill=leaf", "teacher=tiny", "leaf.quantile=1.5"], "leaf.quantile"),
     (["distill=leaf", "teacher=tiny", "leaf.pruning=all"], "leaf.pruning"),
+    (["distill=leaf", "teacher=tiny", "leaf.unit=sentence"], "leaf.unit"),
     (["distill=leaf", "teacher=tiny", "distill.mix=2"], "distill.mix"),
     (["teacher=tiny", "teacher.placement=gpu"], "teacher.placement"),
     (["leaf=rl", "teacher=none"], "leaf=rl needs a teacher"),

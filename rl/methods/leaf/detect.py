@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rewards import RewardItem
 from rl.engine.base import Probe
 from rl.methods.leaf.confounders import (candidate_mask, confounder_mask, glue_whitespace, mask_spans,
-                                 sensitivity_difference)
+                                         sensitivity_difference, word_confounder_mask, word_ids)
 from rl.methods.leaf.examples import Example, batch_tensors, counterfactuals
 
 SCORING_KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -82,11 +82,25 @@ def sensitivities(scorer, examples: list[Example], pad_id: int, chunk: int) -> t
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
+UNITS = ("token", "word")
+
+
+def confounders_by_unit(delta: torch.Tensor, region: torch.Tensor, candidates: torch.Tensor,
+                        texts: list[list[str]], quantile: float, cap: float, unit: str) -> torch.Tensor:
+    """unit "token" (the paper): non-whitespace region tokens with Δ ≤ min(v_(⌊n·q⌋), cap), the
+    order statistic over the whole region as the authors take it. unit "word": the same rule
+    on each word's mean Δ, the order statistic over the region's words, whole words marked."""
+    if unit == "token":
+        return confounder_mask(delta, candidates, quantile, cap, quantile_over=region)
+    if unit == "word":
+        return word_confounder_mask(delta, word_ids(texts, candidates), quantile, cap)
+    raise ValueError(f"leaf.unit must be one of {UNITS}, got {unit!r}")
+
+
 def detect(examples: list[Example], teacher, student, tok, quantile: float, cap: float,
-           chunk: int = 64) -> Detection:
-    """§2.1: ĝ per model, Δ = minmax(ĝ_T − ĝ_S) over each example's region, confounders =
-    non-whitespace region tokens with Δ ≤ min(v_(⌊n·q⌋), cap), the order statistic taken over
-    the whole region as the authors do."""
+           chunk: int = 64, unit: str = "token") -> Detection:
+    """§2.1: ĝ per model, Δ = minmax(ĝ_T − ĝ_S) over each example's region, confounders by
+    `confounders_by_unit`."""
     if not examples:
         raise ValueError("LeaF detection got no examples")
     pad = tok.pad_token_id
@@ -97,7 +111,7 @@ def detect(examples: list[Example], teacher, student, tok, quantile: float, cap:
     texts = token_texts(tok, examples)
     cand = candidate_mask(texts, region)
     delta = sensitivity_difference(g_t, g_s, region)
-    mask = confounder_mask(delta, cand, quantile, cap, quantile_over=region)
+    mask = confounders_by_unit(delta, region, cand, texts, quantile, cap, unit)
     return Detection(g_t, g_s, delta, region, cand, mask, texts)
 
 

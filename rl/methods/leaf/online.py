@@ -118,7 +118,7 @@ class LeafInRL(Method):
         originals = [Example(p.sample, p.ids, p.classes, list(p.in_text), resp)
                      for p, resp in best_responses(batch)]
         det = detect(originals, self.teacher, tools.learner, tools.tok, self.lf.quantile,
-                     self.lf.cap, self.lf.chunk)
+                     self.lf.cap, self.lf.chunk, self.lf.unit)
         pruned: list[Example | None] = []
         for i, ex in enumerate(originals):
             spans = det.spans(i) if self.lf.pruning == "collective" else strongest_span(det, i)

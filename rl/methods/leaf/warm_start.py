@@ -49,7 +49,10 @@ def show(tok, ex: Example) -> dict:
 
 def detection_keys(cfg) -> dict:
     """The `leaf` settings that shape a distilled checkpoint (not the RL-only terms)."""
-    return {k: cfg.leaf[k] for k in ("quantile", "cap", "pruning", "validate")}
+    keys = {k: cfg.leaf[k] for k in ("quantile", "cap", "pruning", "validate")}
+    if cfg.leaf.unit != "token":  # the default leaves the hashes of existing caches as they were
+        keys["unit"] = cfg.leaf.unit
+    return keys
 
 
 def run_distill(cfg, cache: Path, student_path: str, progress: bool = True) -> str:
@@ -138,7 +141,7 @@ def find_counterfactuals(cfg, task, tok, learner, teacher, pool, report, teacher
             if not examples:
                 report[f"{level}_examples"] = 0
                 continue
-            det = detect(examples, teacher, learner, tok, lf.quantile, lf.cap, lf.chunk)
+            det = detect(examples, teacher, learner, tok, lf.quantile, lf.cap, lf.chunk, lf.unit)
             cands = prune_detected(examples, det, lf.pruning)
             ok = [True] * len(cands)
             if lf.validate and cands:
