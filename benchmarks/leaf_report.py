@@ -19,7 +19,7 @@ import numpy as np
 
 from runs import load as load_runs, mean_metric, paired, plot_curves, pm
 
-WARM_ARMS = ["none", "kd", "leaf", "leaf_response", "leaf_no_validation"]
+WARM_ARMS = ["none", "kd", "leaf", "leaf_word", "leaf_response", "leaf_no_validation"]
 RL_ARMS = ["grpo", "leaf_kl", "leaf_groups"]
 
 
@@ -38,9 +38,10 @@ def load(root: Path) -> dict[str, dict[int, dict]]:
 
 def warm_table(runs) -> str:
     arms = [a for a in WARM_ARMS if a in runs]
-    lines = ["| distillation | seeds | held-out greedy | Δ vs none | held-out sampled | Δ vs none | "
-             "student wrong / detected | counterfactuals kept | detection P / R | KL first → last |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| distillation | seeds | held-out greedy | Δ vs none | Δ vs kd | held-out sampled | "
+             "Δ vs none | Δ vs kd | student wrong / detected | counterfactuals kept | "
+             "detection P / R | KL first → last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         rs = runs[a]
         acc = [100 * r["summary"]["cold_start_accuracy"] for r in rs.values()]
@@ -53,8 +54,10 @@ def warm_table(runs) -> str:
         kl = (f"{np.mean([x['kd_kl_first'] for x in reps]):.3f} → {np.mean([x['kd_kl_last'] for x in reps]):.3f}"
               if reps else "—")
         lines.append(f"| {a} | {','.join(map(str, sorted(rs)))} | {pm(acc)} | "
-                     f"{paired(runs, a, 'none', 'cold_start_accuracy')} | {pm(accs)} | "
-                     f"{paired(runs, a, 'none', 'cold_start_accuracy_sampled')} | {wrong} | {kept} | {pr} | {kl} |")
+                     f"{paired(runs, a, 'none', 'cold_start_accuracy')} | "
+                     f"{paired(runs, a, 'kd', 'cold_start_accuracy')} | {pm(accs)} | "
+                     f"{paired(runs, a, 'none', 'cold_start_accuracy_sampled')} | "
+                     f"{paired(runs, a, 'kd', 'cold_start_accuracy_sampled')} | {wrong} | {kept} | {pr} | {kl} |")
     return "\n".join(lines) + "\n"
 
 
