@@ -76,16 +76,14 @@ def delete_mask(examples, masks: torch.Tensor, texts):
 def random_words(words: torch.Tensor, chosen: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per row, as many whole words drawn uniformly as `chosen` marks (the word unit's random
     baseline: same number of words, so deleting it removes whole words too)."""
-    from rl.methods.leaf.confounders import random_mask
+    from rl.methods.leaf.confounders import random_mask, word_sums
 
-    n_words = int(words.max()) + 1 if bool((words >= 0).any()) else 0
-    if n_words == 0:
+    valid = word_sums(words, torch.ones(words.shape)) > 0
+    if valid.shape[1] == 0:
         return torch.zeros_like(chosen)
-    index, inside = words.clamp(min=0), words >= 0
-    valid = torch.zeros(words.shape[0], n_words).scatter_add(1, index, inside.float()) > 0
-    picked = torch.zeros(words.shape[0], n_words).scatter_add(1, index, (chosen & inside).float()) > 0
+    picked = word_sums(words, chosen.float()) > 0
     draw = random_mask(valid, picked.sum(-1), gen)
-    return inside & draw.gather(1, index)
+    return (words >= 0) & draw.gather(1, words.clamp(min=0))
 
 
 def main() -> None:

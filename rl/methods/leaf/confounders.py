@@ -35,7 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "minmax_normalise", "sensitivity_difference", "confounder_mask", "candidate_mask",
-    "word_ids", "word_confounder_mask", "mask_spans", "glue_whitespace", "prune", "precision_recall_f1", "top_k_mask", "random_mask",
+    "word_ids", "word_sums", "word_confounder_mask", "mask_spans", "glue_whitespace", "prune", "precision_recall_f1", "top_k_mask", "random_mask",
 ]
 
 Item = TypeVar("Item")
@@ -184,7 +184,7 @@ def word_ids(token_texts: Sequence[Sequence[str]], candidates: Tensor) -> Tensor
 
     How tokens join: a candidate continues the word of the candidate just before it when that
     token's text ends in a word character and its own text starts with one — so the digits of a
-    character-level "347" form one word, and so do BPE pieces like "Ġdist" + "ractor"; a token
+    character-level "347" form one word, and so do BPE pieces like " dist" + "ractor"; a token
     whose text starts with a space (a BPE word start), follows a space, or is punctuation starts
     a new word. Non-candidates (whitespace, template, padding) belong to no word and break runs.
     """
@@ -206,6 +206,15 @@ def word_ids(token_texts: Sequence[Sequence[str]], candidates: Tensor) -> Tensor
             out[i, j] = word
             prev_open = _is_word_char(text[-1])
     return out.to(candidates.device)
+
+
+def word_sums(words: Tensor, values: Tensor) -> Tensor:
+    """[B, W]: per row, the sum of `values` over each word's tokens (W = the most words in a
+    row; a row's later columns are 0). `words` as `word_ids` gives it."""
+    n_words = int(words.max()) + 1 if bool((words >= 0).any()) else 0
+    inside = words >= 0
+    out = torch.zeros(words.shape[0], n_words, dtype=values.dtype, device=values.device)
+    return out.scatter_add(1, words.clamp(min=0), torch.where(inside, values, 0))
 
 
 WORD_REDUCE = ("mean", "min")
@@ -231,18 +240,16 @@ def word_confounder_mask(delta: Tensor, words: Tensor, quantile: float, cap: flo
     if words.shape != delta.shape:
         raise ValueError(f"words {tuple(words.shape)} and delta {tuple(delta.shape)} differ in shape")
     delta = _float(delta)
-    inside = words >= 0
-    n_words = int(words.max()) + 1 if bool(inside.any()) else 0
-    if n_words == 0:
+    inside, index = words >= 0, words.clamp(min=0)
+    count = word_sums(words, inside.to(delta.dtype))
+    if count.shape[1] == 0:
         return torch.zeros_like(inside)
-    index = words.clamp(min=0)
-    zeros = torch.zeros(delta.shape[0], n_words, dtype=delta.dtype, device=delta.device)
-    count = zeros.scatter_add(1, index, inside.to(delta.dtype))
     valid = count > 0
     if reduce == "mean":
-        per_word = zeros.scatter_add(1, index, torch.where(inside, delta, 0)) / count.clamp(min=1)
+        per_word = word_sums(words, delta) / count.clamp(min=1)
     else:
-        lowest = (zeros + torch.inf).scatter_reduce(1, index, torch.where(inside, delta, torch.inf), "amin")
+        lowest = torch.full_like(count, torch.inf).scatter_reduce(
+            1, index, torch.where(inside, delta, torch.inf), "amin")
         per_word = torch.where(valid, lowest, 0)
     chosen = confounder_mask(per_word, valid, quantile, cap)
     return inside & chosen.gather(1, index)
