@@ -143,8 +143,9 @@ class DistillConfig(SftSchedule):
     steps: int = 150                  # optimizer steps of the KD loss (the same budget for every mode)
     lr: float = 1e-3
     warmup_steps: int = 10
-    # λ (§2.3): the share of original (unpruned) rows in each batch once counterfactuals exist;
-    # the rest are pruned counterfactuals, cycled. kd uses originals only.
+    # λ (§2.3): the least share of original (unpruned) rows per batch. Counterfactuals are used
+    # once each, spread over the steps (the authors' data mixing), up to 1 − λ of a batch; kd
+    # uses originals only.
     mix: float = 0.5
     detect_samples: int = 512         # train problems the student answers (greedy); LeaF detects on the ones it gets wrong
     detect_offset: int = 1_000_000    # their data position (apart from the KD originals at 0, 1, ...)

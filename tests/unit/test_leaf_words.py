@@ -170,3 +170,54 @@ def test_word_detection_on_the_bpe_model_prunes_whole_words(bpe_small_dir, tmp_p
             marks = det.confounders[i, :n][ids[i, :n] == w]
             assert bool(marks.all()) or not bool(marks.any())   # whole words only
     assert torch.equal(det.confounders, word_confounder_mask(det.delta, ids, 0.3))
+
+
+@pytest.mark.parametrize("steps,available,cap", [(150, 3, 32), (150, 888, 32), (4, 10, 2), (5, 0, 8)])
+def test_counterfactual_schedule_uses_each_once_spread_and_capped(steps, available, cap):
+    """The distillation's data mixing (rl/methods/leaf/warm_start.py): over the run each
+    counterfactual appears at most once, in order, never more than `cap` in a step, and as many
+    as the steps can hold are used."""
+    from rl.methods.leaf.warm_start import counterfactual_schedule
+
+    per_step = [list(counterfactual_schedule(s, steps, available, cap)) for s in range(steps)]
+    flat = [i for step in per_step for i in step]
+    assert flat == list(range(min(available, steps * cap)))
+    assert max(len(s) for s in per_step) <= cap
+    if available:   # spread evenly: step sizes differ by at most one
+        sizes = [len(s) for s in per_step]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_counterfactual_schedule_hand_worked():
+    from rl.methods.leaf.warm_start import counterfactual_schedule
+
+    # 3 survivors over 150 steps: rows at steps 0, 50, 100 (not 32 per batch, cycled)
+    used = {s: list(counterfactual_schedule(s, 150, 3, 32)) for s in range(150)}
+    assert {s: v for s, v in used.items() if v} == {0: [0], 50: [1], 100: [2]}
+    # 10 over 4 steps, cap 2: the cap binds; 8 used
+    assert [list(counterfactual_schedule(s, 4, 10, 2)) for s in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_distillation_batches_keep_their_size_and_read_each_original_once():
+    """batch_rows over a whole run with 3 counterfactuals: every batch has batch_size rows; the
+    originals are the train stream's positions 0, 1, 2, … with none repeated or skipped; the
+    counterfactuals appear once each, at steps 0, 2 and 4 of 6."""
+    from omegaconf import OmegaConf
+
+    from rl.methods.leaf.examples import instruction_example
+    from rl.methods.leaf.warm_start import batch_rows
+    from rl.models.tiny_model import build_char_tokenizer
+    from rl.tasks import get_task
+
+    tok = build_char_tokenizer()
+    task = get_task("arith", seed=5)
+    cfg = OmegaConf.create({"seed": 0, "distill": {"steps": 6, "batch_size": 4, "mix": 0.5},
+                            "model": {"prompt_prefix": "", "response_prefix": "",
+                                      "chat_template_kwargs": {}, "path": None}})
+    pruned = [instruction_example(tok, task.sample("test", i)) for i in range(3)]
+    batches = [batch_rows(task, tok, cfg, s, pruned) for s in range(6)]
+    assert [len(b) for b in batches] == [4] * 6
+    cf_at = [[pruned.index(r) for r in b if r in pruned] for b in batches]
+    assert cf_at == [[0], [], [1], [], [2], []]
+    originals = [r.sample.uid for b in batches for r in b if r not in pruned]
+    assert originals == [task.sample("train", i).uid for i in range(6 * 4 - 3)]

@@ -38,6 +38,10 @@ from rl.methods.leaf.teacher import TeacherGroup, student_vocab_size, teacher_pa
 log = logging.getLogger(__name__)
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask")
 SEED_STRIDE = 10_000_000  # data positions between two seeds' streams
+# How counterfactuals enter the batches; part of a distilled checkpoint's cache key, so a
+# checkpoint distilled under the earlier rule (counterfactuals cycled through (1 − λ) of every
+# batch) is not reused as if it were this one.
+MIXING = "each counterfactual once, spread over the steps, at most (1 - mix) of a batch"
 SHOWN = 50  # counterfactuals kept / dropped by validation, written to leaf_report.json
 SHOWN_DETECTIONS = 16  # examples with per-token Δ (the W&B table `leaf_confounders`)
 
@@ -65,7 +69,7 @@ def run_distill(cfg, cache: Path, student_path: str, progress: bool = True) -> s
     t = cfg.teacher
     key = config_hash(student_path, teacher, cfg.task.name, cfg.task.params, cfg.task.seed,
                       cfg.model.prompt_prefix, cfg.model.response_prefix, cfg.rollout.max_new_tokens,
-                      d, detection_keys(cfg), t.placement, t.topk, cfg.seed)
+                      d, detection_keys(cfg), t.placement, t.topk, cfg.seed, MIXING)
     final = cache / f"distill_{d.name}-{key}"
     if d.reuse and reusable(final):
         log.info("distill (%s): reusing %s", d.name, final)
@@ -175,17 +179,32 @@ def seed_offset(cfg) -> int:
     return cfg.seed * SEED_STRIDE
 
 
+def counterfactual_schedule(step: int, steps: int, available: int, cap: int) -> range:
+    """Which counterfactuals (indices, in order) step `step` of `steps` trains on: each at most
+    once over the run, spread evenly, at most `cap` per step.
+
+    Why: the authors mix by data — original and pruned samples in one training file, each seen
+    as often as the others — so λ is the share of originals that results. Filling (1 − λ) of
+    every batch instead cycles whatever survived the validation filter: with 3 survivors over
+    150 steps of 64 rows each was seen ~1,600 times and the student fell 15 points below plain
+    KD (benchmarks/results/leaf_partial). Here 3 survivors are 3 rows of the run; (1 − λ) only
+    caps a batch's share when there are more than the steps can hold (the rest are unused)."""
+    used = min(available, steps * cap)
+    return range(-(-step * used // steps), -(-(step + 1) * used // steps))
+
+
 def batch_rows(task, tok, cfg, step: int, pruned: list[Example]) -> list[Example]:
-    """Step `step`'s rows: originals from the task's train stream (data position by step)
-    and, when counterfactuals exist, (1 − λ) of the batch from them, cycled in order."""
+    """Step `step`'s rows: its share of the counterfactuals (`counterfactual_schedule`) and
+    originals from the task's train stream for the rest of the batch, continuing where the
+    previous step's originals ended."""
     d, m = cfg.distill, cfg.model
-    n_cf = 0 if not pruned else d.batch_size - round(d.mix * d.batch_size)
-    n_orig = d.batch_size - n_cf
+    cf = counterfactual_schedule(step, d.steps, len(pruned), d.batch_size - round(d.mix * d.batch_size))
+    n_orig = d.batch_size - len(cf)
+    originals_before = step * d.batch_size - cf.start
     fmt = prompt_format(m, tok)
     rows = [instruction_example(tok, s, fmt)
-            for s in train_samples_at(task, seed_offset(cfg) + step * n_orig, n_orig)]
-    rows += [pruned[(step * n_cf + i) % len(pruned)] for i in range(n_cf)]
-    return rows
+            for s in train_samples_at(task, seed_offset(cfg) + originals_before, n_orig)]
+    return rows + [pruned[i] for i in cf]
 
 
 def distil(cfg, task, tok, learner, teacher, pruned: list[Example], report: dict,
