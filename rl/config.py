@@ -80,6 +80,16 @@ class AvarConfig:
     eps: float = 1e-6                 # ε of r_visual's and L_sys's denominators / logs
     agto_alpha: float = 0.15          # AGTO: weight α of L_img (raise evidence attention)
     agto_beta: float = 0.15           # ... and β of L_sys (lower system attention)
+    # Where AGTO trains (avar=agto|agto_vars): cold_start = the cold start's objective from the
+    # built model's random weights; stage = a short stage of its own (`agto_stage`) after the
+    # LM cold start — the authors' setting, a trained model at a low learning rate.
+    agto_at: str = "cold_start"
+    agto_stage: SftSchedule = field(default_factory=lambda: SftSchedule(
+        steps=60, batch_size=64, lr=1e-4, warmup_steps=6))
+    # The system keys that VAS, VARS and AGTO set against the evidence: instruction (the task's
+    # instruction tokens) | template_prefix:<share> (the first share of the prompt, its first
+    # token — a real model's attention sink — included; the authors' set, e.g. template_prefix:0.4)
+    system: str = "instruction"
     vars_coef: float = 0.3            # VARS λ_v: reward += λ_v · r_visual of correct responses (paper 0.3)
     vars_norm: str = "none"           # r_visual's scale: none | clip (at vars_clip) | group_z (z-score over a group's correct responses)
     vars_clip: float = 10.0

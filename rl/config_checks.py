@@ -32,6 +32,7 @@ VALID_CHOICES = {
     "avar.name": ("none", "vas", "vars", "agto", "agto_vars"),
     "avar.evidence": ("evidence", "image"),
     "avar.vars_norm": ("none", "clip", "group_z"),
+    "avar.agto_at": ("cold_start", "stage"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.backend": (None, "gloo", "nccl"),
     "cluster.name": ("local", "ray"),
@@ -236,6 +237,15 @@ def check_avar(cfg) -> None:
     if v.vars_coef <= 0 or v.agto_alpha < 0 or v.agto_beta < 0 or v.eps <= 0 or v.vars_clip <= 0:
         raise ValueError("avar.vars_coef, avar.eps and avar.vars_clip must be > 0 and "
                          "avar.agto_alpha, avar.agto_beta >= 0 (avar=vas for VAS without VARS)")
+    from omegaconf import OmegaConf
+
+    from rl.methods.avar.scores import system_prefix_share
+
+    system_prefix_share(v.system)
+    st = v.agto_stage
+    if st.steps < 1 or st.batch_size < 1 or st.lr <= 0 or st.warmup_steps < 0:
+        raise ValueError(f"avar.agto_stage: steps and batch_size must be >= 1, lr > 0 and "
+                         f"warmup_steps >= 0, got {OmegaConf.to_container(st)}")
     if (avar_masses_needed(cfg) and v.evidence == "image" and cfg.model.path is None
             and cfg.model.vision is None):
         raise ValueError("avar.evidence=image reads attention to image tokens: it needs a "

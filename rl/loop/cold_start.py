@@ -147,23 +147,34 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
         log.info("%s: reusing %s", prefix.replace("_", " "), final)
         return str(final)
 
+    shutil.rmtree(final, ignore_errors=True)
+    return sft_stage(cfg, base, cs, params, objective, final, prefix, progress)
+
+
+def sft_stage(cfg, start: str, schedule, params: dict, objective, final: Path, prefix: str,
+              progress: bool) -> str:
+    """Train `start` on the task's worked solutions (task parameters `params`) for
+    `schedule` (an SftSchedule) on next-token likelihood or `objective`'s loss, and save it
+    as `final` (atomic, with a manifest). The cold start, the tiny teacher and AVAR's AGTO
+    stage (rl/methods/avar/agto.py) are this loop with different starts and schedules."""
+
     def build(tmp: Path) -> None:
         from rl.cluster.runtime import start_learner
 
-        tok = load_tokenizer(base)
-        images = image_processor_for(base)
+        tok = load_tokenizer(start)
+        images = image_processor_for(start)
         task = get_task(cfg.task.name, seed=cfg.task.seed, **params)
         fmt = prompt_format(cfg.model, tok)
-        learner = start_learner(cfg, base, lr=cs.lr, minibatch_size=cs.batch_size)
+        learner = start_learner(cfg, start, lr=schedule.lr, minibatch_size=schedule.batch_size)
         t0 = time.perf_counter()
-        bar = tqdm(range(cs.steps), desc=f"{prefix.replace('_', ' ')} (SFT)", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(range(schedule.steps), desc=f"{prefix.replace('_', ' ')} (SFT)",
+                   disable=not progress, dynamic_ncols=True)
         for step in bar:
-            samples = train_samples_at(task, step * cs.batch_size, cs.batch_size)
+            samples = train_samples_at(task, step * schedule.batch_size, schedule.batch_size)
             prompts = [encode_prompt(tok, s, fmt, images) for s in samples]
             responses = [tok(s.solution, add_special_tokens=False)["input_ids"]
                          + [tok.eos_token_id] for s in samples]
-            learner.set_lr(lr_at(step, cs.steps, cs.lr, cs.warmup_steps))
+            learner.set_lr(lr_at(step, schedule.steps, schedule.lr, schedule.warmup_steps))
             batch = collate_sft(prompts, responses, tok.pad_token_id)
             if objective:
                 batch.update(objective.inputs(batch))
@@ -174,10 +185,9 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
                              if k in m})
         learner.export_hf(str(tmp))
         learner.shutdown()
-        log.info("%s: %d SFT steps in %.1f s", prefix, cs.steps, time.perf_counter() - t0)
+        log.info("%s: %d SFT steps in %.1f s", prefix, schedule.steps, time.perf_counter() - t0)
         if objective:  # its terms at the last step (AGTO: L_sys near log ε = system attention ≈ 0)
             log.info("%s: the last step's %s", prefix,
                      ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k not in ("weights", "skipped")))
 
-    shutil.rmtree(final, ignore_errors=True)
     return str(atomic_dir(final, build))

@@ -83,9 +83,10 @@ def eager_class_mass(A, kc, cls):
     return (A.double() * (kc == cls)[:, None, None, :].double()).sum(-1)
 
 
-def test_masses_vas_and_r_visual_equal_eager_maps(model, batch):
+@pytest.mark.parametrize("system", ["instruction", "template_prefix:0.4"])
+def test_masses_vas_and_r_visual_equal_eager_maps(model, batch, system):
     b = batch
-    kc = key_classes(b["token_classes"])
+    kc = key_classes(b["token_classes"], "evidence", system, b["attention_mask"])
     maps = eager_maps(model, b)
     mass = kernel_masses(model, b, kc)
     valid = b["attention_mask"].bool()
@@ -97,7 +98,7 @@ def test_masses_vas_and_r_visual_equal_eager_maps(model, batch):
 
     # VAS: mean over layers, heads and query tokens of the per-token ratio (a mean of ratios)
     for q in (b["response_mask"], user_query_mask(b["token_classes"], b["attention_mask"],
-                                                  b["response_mask"])):
+                                                  b["response_mask"], kc)):
         ref = []
         for row in range(len(kc)):
             ratios = [float(eager_class_mass(A, kc, EVIDENCE)[row, h, i]
@@ -120,6 +121,9 @@ def test_masses_vas_and_r_visual_equal_eager_maps(model, batch):
                 [e / s for e, s in zip(e_l, s_l)], rel=1e-5)
             assert pooled.share_by_layer[:, row].tolist() == pytest.approx(
                 [e / (e + s) for e, s in zip(e_l, s_l)], rel=1e-5)
+            heads = maps[0].shape[1]  # the mean attention on each side per (head, query token)
+            assert pooled.mass_by_layer[:, row].flatten().tolist() == pytest.approx(
+                [x / (heads * len(cells)) for e, s in zip(e_l, s_l) for x in (e, s)], rel=1e-5)
 
     # r_visual: per response token, per layer, the head-averaged masses' ratio (+ε); gated
     correct = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
@@ -234,6 +238,32 @@ def test_token_sets_and_bad_inputs():
         key_classes(tc, evidence="audio")
 
 
+def test_template_prefix_system_set_by_hand():
+    """`template_prefix:s` takes the first ⌊s·n⌋ (≥ 1) of a row's n prompt tokens as the
+    system set, whatever their task class (the first token, a real model's sink, included);
+    evidence in the prefix stays evidence; Q starts after the prefix."""
+    S, E, D, R, O = (TOKEN_CLASS[k] for k in ("system", "evidence", "distractor", "response", "other"))
+    tc = torch.tensor([[O, S, S, S, E, E, D, O, O, O, R, R, 0, 0],   # 10 prompt tokens → 3
+                       [O, O, E, S, O, R, R, R, R, R, R, R, R, R],   # 5 → ⌊1.5⌋ = 1
+                       [E, E, S, R, R, R, R, R, R, R, R, R, R, R]])  # 3 → ⌊0.9⌋ = 0 → 1: stays E
+    am = torch.tensor([[1] * 12 + [0, 0], [1] * 14, [1] * 14]).bool()
+    resp = tc == R
+    kc = key_classes(tc, "evidence", "template_prefix:0.3", am)
+    assert kc.tolist() == [[1, 1, 1, -1, 0, 0] + [-1] * 8,
+                           [1, -1, 0, -1] + [-1] * 10,
+                           [0, 0] + [-1] * 12]
+    q = user_query_mask(tc, am, resp, kc)  # after the prefix (the instruction's rest included)
+    assert q.nonzero().tolist() == [[0, i] for i in range(3, 10)] + [[1, i] for i in range(1, 5)] \
+        + [[2, 0], [2, 1], [2, 2]]
+    # the instruction set of the same rows, for contrast: row 0's first token is not in it
+    assert key_classes(tc)[0].tolist()[:4] == [-1, 1, 1, 1]
+    for bad in ("template_prefix", "template_prefix:1.5", "prefix:0.4", "system"):
+        with pytest.raises(ValueError, match="avar.system"):
+            key_classes(tc, "evidence", bad, am)
+    with pytest.raises(ValueError, match="attention mask"):
+        key_classes(tc, "evidence", "template_prefix:0.4")
+
+
 def test_pooled_vas_on_a_hand_worked_case():
     """Two layers, one head, two tokens, the second the only query token. Layer 0 gives it
     evidence 0.3 / system 0.6; layer 1 0.2 / 1e-12 (no sink among the system keys). The mean
@@ -252,5 +282,7 @@ def test_pooled_vas_on_a_hand_worked_case():
     assert float(got.share[0]) == pytest.approx(0.5 / 1.1)
     assert got.ratio_by_layer[:, 0].tolist() == pytest.approx([0.5, 0.2 / 1e-12])
     assert got.share_by_layer[:, 0].tolist() == pytest.approx([1 / 3, 1.0])
+    assert got.mass_by_layer[:, 0].flatten().tolist() == pytest.approx([0.3, 0.6, 0.2, 1e-12])
+    assert got.mass_by_layer[:, 1].isnan().all()
     assert float(vas(mass, query)[0][0]) == pytest.approx((0.5 + 2e11) / 2, rel=1e-6)
-    assert all(torch.isnan(x[..., 1]).all() for x in got)
+    assert all(torch.isnan(x[..., 1]).all() for x in got[:4])  # (row 1 has no query token)

@@ -155,6 +155,9 @@ def test_leaf_settings_fail_before_any_actor(overrides, message):
     (["avar=vars", "learner.attention=sdpa"], "learner.attention must be kernels"),
     (["avar=vars", "avar.evidence=image"], "needs a vision-language model"),
     (["avar=agto", "learner.attention=sdpa"], "learner.attention must be kernels"),
+    (["avar=agto", "avar.agto_at=rl"], "avar.agto_at"),
+    (["avar=agto", "avar.agto_at=stage", "avar.agto_stage.steps=0"], "avar.agto_stage"),
+    (["avar=vas", "avar.system=template_prefix:2"], "avar.system"),
 ])
 def test_avar_settings_fail_before_any_actor(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -174,6 +177,10 @@ def test_a_method_is_switched_on_by_its_group():
                      ("agto_vars", (True, True))):
         (avar, _) = build_methods(load([f"avar={part}"]))
         assert (avar.vars_on, avar.agto is not None) == on, part
+    # AGTO as a stage after the cold start: no cold-start objective, a stage before RL
+    (avar, _) = build_methods(load(["avar=agto", "avar.agto_at=stage"]))
+    assert avar.cold_start_objective() is None and avar.stage is not None
+    assert avar.before_rl is not None and build_methods(load(["avar=vas"]))[0].stage is None
 
 
 @pytest.mark.parametrize("overrides, message", [

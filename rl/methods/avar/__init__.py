@@ -4,6 +4,7 @@ than to the system prompt — measured (VAS), trained up in the cold start (AGTO
 in RL (VARS). All three read the fused kernels' key-class masses: no eager attention map.
 
 `scores.py` holds the pure formulas; `visual_attention.py` the RL loop's part (what the
-scoring forward must capture, VARS on a scored batch, VAS on an evaluated batch). AGTO is the
-cold start's `objective=agto` (rl/loop/cold_start.py → `AgtoLoss`, rl/methods/avar/agto.py).
+scoring forward must capture, VARS on a scored batch, VAS on an evaluated batch). AGTO
+(`agto.py`, avar=agto) is the cold start's objective or, with `avar.agto_at=stage`, a short
+SFT stage of its own after the LM cold start (both through rl/loop/cold_start.py `sft_stage`).
 """

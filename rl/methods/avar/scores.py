@@ -32,24 +32,60 @@ N_CLASSES = 2
 EVIDENCE_CLASSES = ("evidence", "image")  # the values of `avar.evidence`
 
 
-def key_classes(token_classes: Tensor, evidence: str = "evidence") -> Tensor:
+SYSTEM_SETS = ("instruction", "template_prefix:<share>")  # the values of `avar.system`
+
+
+def system_prefix_share(system: str) -> float | None:
+    """`avar.system` → None for `instruction`, s for `template_prefix:s` (0 < s < 1)."""
+    if system == "instruction":
+        return None
+    name, _, share = system.partition(":")
+    try:
+        value = float(share)
+    except ValueError:
+        value = -1.0
+    if name != "template_prefix" or not 0 < value < 1:
+        raise ValueError(f"avar.system={system!r}: must be one of {SYSTEM_SETS} (e.g. "
+                         "template_prefix:0.4, the authors' share)")
+    return value
+
+
+def key_classes(token_classes: Tensor, evidence: str = "evidence", system: str = "instruction",
+                attention_mask: Tensor | None = None) -> Tensor:
     """Task token classes (rl.batch.TOKEN_CLASS) → AVAR key classes: the evidence class
     (operands/relevant statements for a text task, image-pad tokens for a VLM) → EVIDENCE,
-    the instruction → SYSTEM, every other token → -1 (no class)."""
+    the system set → SYSTEM, every other token → -1 (no class).
+
+    The system set (`avar.system`): `instruction`, the task's instruction tokens; or
+    `template_prefix:s`, the first ⌊s·n⌋ (at least 1) of a row's n prompt tokens whatever they
+    are — the authors' set (the template from the sequence start, in RL the first 20% of the
+    prompt), which holds the first token, a real model's attention sink. Evidence tokens in the
+    prefix stay evidence. `attention_mask` ([B, N]; needed for a prefix) marks padding."""
     if evidence not in EVIDENCE_CLASSES:
         raise ValueError(f"avar.evidence={evidence!r}: must be one of {EVIDENCE_CLASSES}")
+    share = system_prefix_share(system)
     out = torch.full(token_classes.shape, -1, dtype=torch.int8)
+    if share is None:
+        out[token_classes == TOKEN_CLASS["system"]] = SYSTEM
+    else:
+        if attention_mask is None:
+            raise ValueError("key_classes: a template_prefix system set needs the attention mask")
+        prompt = attention_mask.bool() & (token_classes != TOKEN_CLASS["response"])
+        n = (prompt.sum(1, keepdim=True).double() * share).floor().clamp_min(1)
+        out[prompt & (prompt.cumsum(1) <= n)] = SYSTEM
     out[token_classes == TOKEN_CLASS[evidence]] = EVIDENCE
-    out[token_classes == TOKEN_CLASS["system"]] = SYSTEM
     return out
 
 
-def user_query_mask(token_classes: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+def user_query_mask(token_classes: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                    kc: Tensor | None = None) -> Tensor:
     """The user-turn tokens Q (AVAR's official code, specs §3.3.2): prompt tokens after the
-    last system token, up to the response. Evidence (image-pad) tokens are part of it."""
+    last system token, up to the response. Evidence (image-pad) tokens are part of it. The
+    system tokens are those of the AVAR key classes `kc` when given (e.g. a template prefix),
+    else the instruction."""
     prompt = attention_mask.bool() & ~response_mask.bool() & (token_classes != TOKEN_CLASS["response"])
     pos = torch.arange(token_classes.shape[1]).expand_as(token_classes)
-    is_sys = token_classes == TOKEN_CLASS["system"]
+    is_sys = (kc == SYSTEM) if kc is not None else (token_classes == TOKEN_CLASS["system"])
     last_sys = torch.where(is_sys, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values
     return prompt & (pos > last_sys)
 
@@ -85,6 +121,8 @@ class PooledVas(NamedTuple):
     share: Tensor           # [B] Σ m_evidence / (Σ m_evidence + Σ m_system), in [0, 1]
     ratio_by_layer: Tensor  # [L, B] the same sums within each layer
     share_by_layer: Tensor  # [L, B]
+    mass_by_layer: Tensor   # [L, B, 2] the mean over heads and query tokens of the attention
+                            # on the evidence / system keys (whether a share moved by one side)
 
 
 def vas_pooled(mass: dict[int, Tensor], query: Tensor) -> PooledVas:
@@ -100,9 +138,11 @@ def vas_pooled(mass: dict[int, Tensor], query: Tensor) -> PooledVas:
     def rows(x: Tensor) -> Tensor:
         return x.masked_fill(none, float("nan"))
 
+    cells = (query.sum(1) * m.shape[2]).to(m.dtype)[None, :, None]   # heads × query tokens
     return PooledVas(rows(e.sum(0) / s.sum(0).clamp_min(tiny)),
                      rows(e.sum(0) / (e + s).sum(0).clamp_min(tiny)),
-                     rows(e / s.clamp_min(tiny)), rows(e / (e + s).clamp_min(tiny)))
+                     rows(e / s.clamp_min(tiny)), rows(e / (e + s).clamp_min(tiny)),
+                     (sums / cells).masked_fill(none[None, :, None], float("nan")))
 
 
 def visual_ratio(mass: dict[int, Tensor], eps: float = 1e-6) -> Tensor:
@@ -149,6 +189,7 @@ class AgtoConfig:
     layers: Any = "all"
     eps: float = 1e-6
     evidence: str = "evidence"
+    system: str = "instruction"
 
 
 def agto_loss(mass: dict[int, Tensor], query: Tensor, kc: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:

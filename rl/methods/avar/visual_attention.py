@@ -1,5 +1,5 @@
 """AVAR in the RL step (a method, rl/methods/base.py): VARS reward shaping after the scoring
-forward, VAS at evaluation, and the AGTO objective of the cold start.
+forward, VAS at evaluation, and AGTO — the cold start's objective or a stage before RL.
 
 VARS needs the learner's attention on the rollouts, so it cannot be a text verifier in
 `rewards/` (which sees strings in worker processes). It edits `batch.rewards` between scoring
@@ -9,48 +9,58 @@ time/vars_share.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from functools import partial
+from typing import Callable
 
 import torch
 
 from kernels.capture import select_layers
-from rl.methods.avar.scores import (N_CLASSES, AgtoConfig, check_classes, key_classes, normalise_visual,
-                            r_visual, user_query_mask, vas, vas_pooled)
+from rl.methods.avar.scores import (EVIDENCE, N_CLASSES, SYSTEM, AgtoConfig, check_classes,
+                                    key_classes, normalise_visual, r_visual, user_query_mask,
+                                    vas, vas_pooled)
 from rl.batch import RolloutBatch
 from rl.methods.base import ColdStartObjective, Method, RunInfo, Tools
 
 
 def from_config(cfg) -> "Avar | None":
     """AVAR's parts the avar group turns on: VAS at evaluations (every choice but none), VARS
-    (vars, agto_vars), the AGTO cold start (agto, agto_vars)."""
+    (vars, agto_vars), AGTO (agto, agto_vars) as the cold start's objective or as a stage
+    after it (avar.agto_at)."""
     v = cfg.avar
     if v.name == "none":
         return None
-    agto = None
+    agto = stage = None
     if v.name in ("agto", "agto_vars"):
         agto = AgtoConfig(alpha=v.agto_alpha, beta=v.agto_beta, layers=v.layers, eps=v.eps,
-                          evidence=v.evidence)
-    return Avar(v, vars_on=v.name in ("vars", "agto_vars"), agto=agto)
+                          evidence=v.evidence, system=v.system)
+        if v.agto_at == "stage":
+            from rl.methods.avar.agto import run_agto_stage
+
+            agto, stage = None, partial(run_agto_stage, cfg, agto)
+    return Avar(v, vars_on=v.name in ("vars", "agto_vars"), agto=agto, stage=stage)
 
 
 class Avar(Method):
     name = "vars"
 
-    def __init__(self, p, vars_on: bool, agto: AgtoConfig | None):
+    def __init__(self, p, vars_on: bool, agto: AgtoConfig | None,
+                 stage: Callable[[str, bool], str] | None = None):
         """VAS is measured at every evaluation whenever AVAR is on; `vars_on`: VARS shapes the
-        rewards; `agto`: the cold start's objective."""
-        self.p, self.vars_on, self.agto = p, vars_on, agto
+        rewards; `agto`: the cold start's objective; `stage`: AGTO as a stage after it
+        (policy, progress → the policy RL starts from)."""
+        self.p, self.vars_on, self.agto, self.stage = p, vars_on, agto, stage
         self.reads_statistics = vars_on
         self.layers: list[int] = []
 
     def cold_start_objective(self) -> ColdStartObjective | None:
         if self.agto is None:
             return None
-        from rl.methods.avar.agto import AgtoLoss, agto_inputs
+        from rl.methods.avar.agto import agto_objective
 
-        agto = self.agto
-        return ColdStartObjective(AgtoLoss(cfg=agto), lambda batch: agto_inputs(batch, agto),
-                                  asdict(agto))
+        return agto_objective(self.agto)
+
+    def before_rl(self, policy: str, progress: bool) -> str:
+        return self.stage(policy, progress) if self.stage else policy
 
     def setup(self, run: RunInfo) -> None:
         self.layers = select_layers(self.p.layers, run.num_layers)
@@ -68,7 +78,7 @@ class Avar(Method):
         return self._key_classes(batch)
 
     def _key_classes(self, batch: RolloutBatch) -> torch.Tensor:
-        kc = key_classes(batch.token_classes, self.p.evidence)
+        kc = key_classes(batch.token_classes, self.p.evidence, self.p.system, batch.attention_mask)
         check_classes(kc, f"AVAR (avar.evidence={self.p.evidence})")
         return kc
 
@@ -108,7 +118,7 @@ class Avar(Method):
         out = {}
         queries = {"response": batch.response_mask.bool(),
                    "query": user_query_mask(batch.token_classes, batch.attention_mask,
-                                            batch.response_mask)}
+                                            batch.response_mask, self._key_classes(batch))}
         for name, q in queries.items():
             keep = q.any(1)
             if not keep.any():
@@ -122,6 +132,9 @@ class Avar(Method):
                 out[f"{prefix}/{key}"] = float(row.mean())
                 for layer, v in zip(self.layers, by_layer.mean(1).tolist()):
                     out[f"{prefix}/{key}_L{layer}"] = v
+            for side, k in (("evidence", EVIDENCE), ("system", SYSTEM)):  # mean attention mass
+                for layer, v in zip(self.layers, pooled.mass_by_layer[..., k].mean(1).tolist()):
+                    out[f"{prefix}/{side}_mass_{name}_L{layer}"] = v
         return out
 
     def draw_eval(self, tracker, evals: dict, step: int) -> None:
