@@ -3,6 +3,7 @@ r_visual range and its cost, per arm (mean ± std over seeds; Δ against the fir
 seed).
 
     python benchmarks/avar_report.py outputs/avar_text --out benchmarks/results/avar_text
+    python benchmarks/avar_report.py outputs/agto_stage --out … --stages   # steps=0 runs
 
 Reads `<root>/<arm>/seed<k>/{summary.json,metrics.jsonl}` (the trainer's outputs); arms are
 ordered grpo, vars, agto, agto_vars (others after). Writes `table.md` and `curves.png`.
@@ -71,16 +72,47 @@ def layer_table(runs: dict, arms: list[str], metric: str = "eval/vas_response") 
     return "\n".join(lines) + "\n"
 
 
+def stage_table(runs: dict, arms: list[str], unit: str) -> str:
+    """Evaluations with no RL step (`steps=0`: a cold start, or an AGTO stage after it): held-out
+    accuracy and, per layer, the evidence share with the mean attention on each side
+    (evidence / system) of the `unit` tokens (query: the user turn AGTO trains; response)."""
+    some = next(iter(runs[arms[0]].values()))["metrics"][0]
+    layers = sorted(int(k.rsplit("_L", 1)[1]) for k in some
+                    if k.startswith(f"eval/evidence_share_{unit}_L"))
+    lines = ["| arm | greedy | sampled | " + " | ".join(
+        f"L{i} share (evidence / system mass)" for i in layers) + " |", "|" + "---|" * (len(layers) + 3)]
+    for a in arms:
+        rows = [r["metrics"][0] for r in runs[a].values()]
+
+        def avg(key):
+            return float(np.mean([m[key] for m in rows]))
+
+        cells = [f"{avg(f'eval/evidence_share_{unit}_L{i}'):.3f} "
+                 f"({avg(f'eval/evidence_mass_{unit}_L{i}'):.3f} / {avg(f'eval/system_mass_{unit}_L{i}'):.3f})"
+                 for i in layers]
+        lines.append(f"| {a} | {pm([100 * m['eval/accuracy'] for m in rows])} | "
+                     f"{pm([100 * m['eval/accuracy_sampled'] for m in rows])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--stages", action="store_true",
+                    help="runs of no RL step (steps=0): accuracy and per-layer attention")
     args = ap.parse_args()
     runs = load(args.root)
     if not runs:
         raise SystemExit(f"no finished runs under {args.root} (<arm>/seed<k>/summary.json)")
     arms = [a for a in ORDER if a in runs] + sorted(set(runs) - set(ORDER))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.stages:
+        text = "".join(f"\n{unit} tokens:\n\n" + stage_table(runs, arms, unit)
+                       for unit in ("query", "response"))
+        (args.out / "stages.md").write_text(text)
+        print(text)
+        return
     text = table(runs, arms)
     if layers := layer_table(runs, arms):
         text += "\nVAS (response tokens) per layer:\n\n" + layers

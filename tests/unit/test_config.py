@@ -180,7 +180,7 @@ def test_a_method_is_switched_on_by_its_group():
     # AGTO as a stage after the cold start: no cold-start objective, a stage before RL
     (avar, _) = build_methods(load(["avar=agto", "avar.agto_at=stage"]))
     assert avar.cold_start_objective() is None and avar.stage is not None
-    assert avar.before_rl is not None and build_methods(load(["avar=vas"]))[0].stage is None
+    assert build_methods(load(["avar=vas"]))[0].stage is None
 
 
 @pytest.mark.parametrize("overrides, message", [
