@@ -69,14 +69,15 @@ def run_agto_stage(cfg, agto: AgtoConfig, policy: str, progress: bool) -> str:
     rate. Cached under `<cache>/agto_stage-<hash of the start, schedule and objective>`."""
     from omegaconf import OmegaConf
 
-    from rl.loop.cold_start import config_hash, reusable, sft_stage
+    from rl.loop.cold_start import config_hash, model_key, reusable, sft_stage
 
     schedule = cfg.avar.agto_stage
     params = {**OmegaConf.to_container(cfg.task.params, resolve=True),
               **OmegaConf.to_container(cfg.cold_start.task_params, resolve=True)}
     objective = agto_objective(agto)
     final = Path(cfg.cache_dir) / ("agto_stage-" + config_hash(
-        str(Path(policy).resolve()), cfg.task.name, params, cfg.task.seed, schedule, objective.key))
+        str(Path(policy).resolve()), model_key(cfg.model), cfg.task.name, params, cfg.task.seed,
+        schedule, objective.key))
     if reusable(final):
         log.info("AGTO stage: reusing %s", final)
         return str(final)
