@@ -16,7 +16,8 @@ by the task's verifier as the trainer's evaluation scores it, for:
   two α_s with gains in the paper, 0 and 0.4, the one that suppresses anything).
 
 Evidence keys: the image pads for a VLM (`avar.evidence=image`), the labelled evidence text
-otherwise; system keys: the instruction. Writes table.md and numbers.json under --out.
+otherwise; system keys: `avar.system` (the instruction, or `template_prefix:<share>`, the
+authors' prefix of the prompt). Writes table.md and numbers.json under --out.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
 
 
 def generate(model, batches, max_new: int, eos: set[int], pad_id: int, setting: dict | None,
-             evidence: str) -> list[list[int]]:
+             evidence: str, system: str) -> list[list[int]]:
     """Greedy responses (token ids) of every batch, with the intervention `setting` (None:
     the model untouched)."""
     from contextlib import nullcontext
@@ -78,7 +79,7 @@ def generate(model, batches, max_new: int, eos: set[int], pad_id: int, setting: 
     for b in batches:
         ctx = nullcontext()
         if setting is not None:
-            ev, sy = prompt_key_masks(b["token_classes"], evidence)
+            ev, sy = prompt_key_masks(b["token_classes"], evidence, system, b["attention_mask"])
             ctx = intervene(model, ev, sy, setting["alpha_evidence"], setting["alpha_system"],
                             setting["renormalise"], setting.get("layers"))
         with ctx, torch.no_grad():
@@ -136,7 +137,7 @@ def main() -> None:
     task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.params)
     samples = task.dataset("test", args.n)
     prompts = [encode_prompt(tok, s, fmt, images) for s in samples]
-    evidence = cfg.avar.evidence
+    evidence, system = cfg.avar.evidence, cfg.avar.system
     model = load_model(model_dir, cfg.model.dtype).eval().requires_grad_(False)
     eos_ids = model.generation_config.eos_token_id
     eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
@@ -163,7 +164,7 @@ def main() -> None:
         for s in settings:
             t = time.perf_counter()
             resp = generate(model, batches, max_new, eos, pad_id,
-                            None if s["name"] == "none" else s, evidence)
+                            None if s["name"] == "none" else s, evidence, system)
             gen_s = time.perf_counter() - t
             texts = tok.batch_decode(resp, skip_special_tokens=True)
             results = pool.score([RewardItem(response=x, answer=smp.answer, meta=smp.meta,
@@ -190,7 +191,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     numbers = {
         "experiment": overrides, "task": cfg.task.name, "task_params": dict(cfg.task.params),
-        "model": model_dir, "n": len(samples), "evidence": evidence, "max_new_tokens": max_new,
+        "model": model_dir, "n": len(samples), "evidence": evidence, "system": system, "max_new_tokens": max_new,
         "batch_size": args.batch_size, "layers": layers or "all",
         "date": datetime.date.today().isoformat(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "model_s": t_model, "wall_s": time.perf_counter() - t0,
@@ -207,7 +208,7 @@ def main() -> None:
 def render_table(n: dict) -> str:
     lines = [f"`{n['task']}`, {n['n']} held-out problems, model `{n['model']}`; greedy HF "
              f"generation (max {n['max_new_tokens']} new tokens); evidence keys: "
-             f"{n['evidence']}; layers: {n['layers']}. Δ in points against none; changed: "
+             f"{n['evidence']}; system keys: {n.get('system', 'instruction')}; layers: {n['layers']}. Δ in points against none; changed: "
              "responses that differ from none's (gained / lost: correctness flips).", "",
              "| setting | accuracy (%) | Δ vs none | changed | gained / lost | generate (s) |",
              "|---|---|---|---|---|---|"]

@@ -196,6 +196,8 @@ def parse_args(argv):
                     help="AVAR: each token's attention to the evidence over the system prompt, and the "
                     "VAS of the response and of the user query, per layer (a --prompt's first line is "
                     "taken as the system prompt, the rest as the evidence)")
+    ap.add_argument("--system", default="instruction",
+                    help="AVAR's system keys for --vas (avar.system): instruction | template_prefix:<share>")
     ap.add_argument("--distractors", action="store_true",
                     help="with --task-sample: the problem with a distractor (arith distractor_prob=1)")
     ap.add_argument("--device", default="cpu")
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         classes = pad_rows([prompt_classes + [TOKEN_CLASS["response"]] * len(r) for r in responses],
                            0, torch.int8)
         # (vars_on: its masses come from this scoring forward, as VARS reads them in training)
-        methods.append(Avar(AvarConfig(name="vars", evidence=evidence, layers=args.layers),
+        methods.append(Avar(AvarConfig(name="vars", evidence=evidence, layers=args.layers, system=args.system),
                             vars_on=True, agto=None))
     for m in methods:
         m.setup(RunInfo(num_layers(str(hf)), steps=1))
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             labels = distractor_flags(tok, task_sample(args.task_sample, args.distractors), prompt)
         teacher = run_teacher(hf) if args.teacher == "run" else args.teacher
         leaf = leaf_views(hf, teacher, tok, prompt_ids, responses, args.quantile, labels)
-    avar = avar_views(stats, resp, tok, prompt_ids, responses, classes, evidence) if args.vas else None
+    avar = avar_views(stats, resp, tok, prompt_ids, responses, classes, evidence, args.system) if args.vas else None
     written = []
     for i, r_ids in enumerate(responses):
         new = write_sample(out, i, tok, r_ids, resp[i], batch.token_weights[i], trace.sets, ctx,
@@ -331,7 +333,8 @@ def prompt_token_classes(tok, prompt: str, sample) -> list[int]:
     return enc.classes
 
 
-def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str = "evidence") -> list[dict]:
+def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str = "evidence",
+               system: str = "instruction") -> list[dict]:
     """Per response: every token's evidence/system attention ratio (head- and layer-averaged,
     as VARS reads it), system/evidence marks, and VAS (response, user query) overall and per
     layer."""
@@ -343,8 +346,8 @@ def avar_views(stats: dict, resp, tok, prompt_ids, responses, tc, evidence: str 
 
     mass = {layer: st["mass"] for layer, st in stats.items()}
     am = pad_rows([[1] * (len(prompt_ids) + len(r)) for r in responses], 0, torch.bool)
-    kc = key_classes(tc, evidence)
-    query = user_query_mask(tc, am, resp)
+    kc = key_classes(tc, evidence, system, am)
+    query = user_query_mask(tc, am, resp, kc)
     ratio = visual_ratio(mass)
     vas_r, per_layer_r = vas(mass, resp)
     vas_q, per_layer_q = vas(mass, query)

@@ -62,6 +62,24 @@ def test_prompt_key_masks_follow_token_classes():
     assert ev.tolist() == [[False, False, False, False, True, False]]
 
 
+def test_prompt_key_masks_template_prefix_counts_from_the_first_real_token():
+    """A left-padded batch: row 0 has 2 pads and 5 prompt tokens → ⌊0.4·5⌋ = 2 system keys,
+    its first two real tokens (an evidence token among them stays evidence); row 1, 7 prompt
+    tokens → 2 as well; the instruction set ignores the share."""
+    from rl.batch import TOKEN_CLASS as C
+
+    o, s, e = C["other"], C["system"], C["evidence"]
+    tc = torch.tensor([[o, o, s, e, o, e, o], [s, s, s, o, e, e, o]], dtype=torch.int8)
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    ev, sy = prompt_key_masks(tc, "evidence", "template_prefix:0.4", am)
+    assert sy.int().tolist() == [[0, 0, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
+    assert ev.int().tolist() == [[0, 0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 1, 1, 0]]
+    _, sy = prompt_key_masks(tc, "evidence", "instruction", am)
+    assert sy.int().tolist() == [[0, 0, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="attention mask"):
+        prompt_key_masks(tc, "evidence", "template_prefix:0.4")
+
+
 # --------------------------------------------------------------- a tiny Qwen3, and a reference
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):

@@ -120,10 +120,12 @@ def decoder_attentions(model) -> dict[int, torch.nn.Module]:
             and hasattr(m, "num_key_value_groups")}
 
 
-def prompt_key_masks(token_classes: Tensor, evidence: str = "evidence") -> tuple[Tensor, Tensor]:
+def prompt_key_masks(token_classes: Tensor, evidence: str = "evidence", system: str = "instruction",
+                     attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """[B, P] token classes (rl.batch.TOKEN_CLASS; padding is class "other") → the evidence
-    and system key masks, with AVAR's own class map (scores.key_classes)."""
-    kc = key_classes(token_classes, evidence)
+    and system key masks, with AVAR's own class map (scores.key_classes; a template_prefix
+    system set counts from each row's first real token, so it needs the attention mask)."""
+    kc = key_classes(token_classes, evidence, system, attention_mask)
     return kc == EVIDENCE, kc == SYSTEM
 
 
