@@ -6,7 +6,7 @@ seed).
     python benchmarks/avar_report.py outputs/agto_stage --out … --stages   # steps=0 runs
 
 Reads `<root>/<arm>/seed<k>/{summary.json,metrics.jsonl}` (the trainer's outputs); arms are
-ordered grpo, vars, agto, agto_vars (others after). Writes `table.md` and `curves.png`.
+ordered as ORDER (others after). Writes `table.md` and `curves.png`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from runs import load, mean_metric, paired, plot_curves, pm
 
-ORDER = ["grpo", "vars", "agto", "agto_vars"]
+ORDER = ["grpo", "lm_grpo", "vars", "agto", "agto_grpo", "agto_vars"]  # lm_grpo, agto_grpo: from a stage
 
 
 def table(runs: dict, arms: list[str]) -> str:
@@ -40,7 +40,7 @@ def table(runs: dict, arms: list[str]) -> str:
         rv_txt = ("—" if all(x != x for t in rv for x in t) else
                   " / ".join(f"{np.nanmean([t[i] for t in rv]):.2f}" for i in range(3)))
         share = [100 * mean_metric(r, "time/vars_share") for r in rs.values()]
-        share_txt = pm(share) + "%" if a not in ("grpo", "agto") else "—"
+        share_txt = pm(share) + "%" if "vars" in a else "—"
         lines.append(
             f"| {a} | {','.join(map(str, sorted(rs)))} | "
             f"{pm([100 * r['summary']['final_accuracy'] for r in rs.values()])} | "
@@ -90,8 +90,12 @@ def stage_table(runs: dict, arms: list[str], unit: str) -> str:
         cells = [f"{avg(f'eval/evidence_share_{unit}_L{i}'):.3f} "
                  f"({avg(f'eval/evidence_mass_{unit}_L{i}'):.3f} / {avg(f'eval/system_mass_{unit}_L{i}'):.3f})"
                  for i in layers]
-        lines.append(f"| {a} | {pm([100 * m['eval/accuracy'] for m in rows])} | "
-                     f"{pm([100 * m['eval/accuracy_sampled'] for m in rows])} | " + " | ".join(cells) + " |")
+        def acc(key):  # one seed (a stage is deterministic given its start): the value alone
+            xs = [100 * m[key] for m in rows]
+            return f"{xs[0]:.1f}" if len(xs) == 1 else pm(xs)
+
+        lines.append(f"| {a} | {acc('eval/accuracy')} | {acc('eval/accuracy_sampled')} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
