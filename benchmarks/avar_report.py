@@ -39,8 +39,8 @@ def table(runs: dict, arms: list[str]) -> str:
               for r in rs.values()]
         rv_txt = ("—" if all(x != x for t in rv for x in t) else
                   " / ".join(f"{np.nanmean([t[i] for t in rv]):.2f}" for i in range(3)))
-        share = [100 * mean_metric(r, "time/vars_share") for r in rs.values()]
-        share_txt = pm(share) + "%" if "vars" in a else "—"
+        vars_share = [100 * mean_metric(r, "time/vars_share") for r in rs.values()]
+        share_txt = pm(vars_share) + "%" if "vars" in a else "—"
         lines.append(
             f"| {a} | {','.join(map(str, sorted(rs)))} | "
             f"{pm([100 * r['summary']['final_accuracy'] for r in rs.values()])} | "
