@@ -177,10 +177,22 @@ def test_a_method_is_switched_on_by_its_group():
                      ("agto_vars", (True, True))):
         (avar, _) = build_methods(load([f"avar={part}"]))
         assert (avar.vars_on, avar.agto is not None) == on, part
-    # AGTO as a stage after the cold start: no cold-start objective, a stage before RL
-    (avar, _) = build_methods(load(["avar=agto", "avar.agto_at=stage"]))
-    assert avar.cold_start_objective() is None and avar.stage is not None
-    assert build_methods(load(["avar=vas"]))[0].stage is None
+    # AGTO as a stage after the cold start: no cold-start objective; the stage gets the run's
+    # config and exactly the AGTO terms the overrides name
+    from rl.methods.avar.agto import run_agto_stage
+    from rl.methods.avar.scores import AgtoConfig
+
+    cfg = load(["avar=agto", "avar.agto_at=stage", "avar.agto_beta=0.015",
+                "avar.system=template_prefix:0.4", "avar.layers=middle:2"])
+    (avar, _) = build_methods(cfg)
+    assert avar.cold_start_objective() is None
+    assert avar.stage.func is run_agto_stage and avar.stage.args[0] is cfg
+    assert avar.stage.args[1] == AgtoConfig(alpha=0.15, beta=0.015, layers="middle:2", eps=1e-6,
+                                            evidence="evidence", system="template_prefix:0.4")
+    # the cold-start placement: the same terms as the cold start's objective, no stage
+    (avar, _) = build_methods(load(["avar=agto", "avar.agto_beta=0.015"]))
+    assert avar.stage is None and avar.agto == AgtoConfig(beta=0.015)
+    assert build_methods(load(["avar=vas"]))[0].before_rl("policy_dir", False) == "policy_dir"
 
 
 @pytest.mark.parametrize("overrides, message", [
