@@ -133,8 +133,7 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
         return base
     # Everything that shapes the cold-start weights, and nothing else (not eval settings).
     # The SFT data's task parameters enter as one dict, so an empty override keeps the key.
-    params = {**OmegaConf.to_container(cfg.task.params, resolve=True),
-              **OmegaConf.to_container(cs.task_params, resolve=True)}
+    params = sft_task_params(cfg)
     schedule = {k: v for k, v in OmegaConf.to_container(cs, resolve=True).items()
                 if k not in ("task_params", "objective")}
     schedule["enabled"] = True  # (a bool when the cold starts cached so far were keyed)
@@ -149,6 +148,13 @@ def run_cold_start(cfg, cache: Path, progress: bool = True, prefix: str = "cold_
 
     shutil.rmtree(final, ignore_errors=True)
     return sft_stage(cfg, base, cs, params, objective, final, prefix, progress)
+
+
+def sft_task_params(cfg) -> dict:
+    """The task parameters of the cold start's SFT data: the task's, with
+    `cold_start.task_params` on top (e.g. a share of distractors)."""
+    return {**OmegaConf.to_container(cfg.task.params, resolve=True),
+            **OmegaConf.to_container(cfg.cold_start.task_params, resolve=True)}
 
 
 def sft_stage(cfg, start: str, schedule, params: dict, objective, final: Path, prefix: str,

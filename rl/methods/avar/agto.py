@@ -67,13 +67,10 @@ def run_agto_stage(cfg, agto: AgtoConfig, policy: str, progress: bool) -> str:
     policy the cold start made — the authors' setting (a trained VLM at lr 1e-5), where the
     cold-start objective (`agto_at=cold_start`) starts from random weights at the cold start's
     rate. Cached under `<cache>/agto_stage-<hash of the start, schedule and objective>`."""
-    from omegaconf import OmegaConf
-
-    from rl.loop.cold_start import config_hash, model_key, reusable, sft_stage
+    from rl.loop.cold_start import config_hash, model_key, reusable, sft_stage, sft_task_params
 
     schedule = cfg.avar.agto_stage
-    params = {**OmegaConf.to_container(cfg.task.params, resolve=True),
-              **OmegaConf.to_container(cfg.cold_start.task_params, resolve=True)}
+    params = sft_task_params(cfg)
     objective = agto_objective(agto)
     final = Path(cfg.cache_dir) / ("agto_stage-" + config_hash(
         str(Path(policy).resolve()), model_key(cfg.model), cfg.task.name, params, cfg.task.seed,
