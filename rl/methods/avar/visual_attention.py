@@ -99,18 +99,20 @@ class Avar(Method):
         out = {f"r_visual_{name}": float(getattr(ok, name)()) if len(ok) else 0.0
                for name in ("mean", "min", "max")}
         out["bonus_mean"] = float((self.p.vars_coef * shaped).mean())
-        out.update({k[len("vars/"):]: v for k, v in self.vas_metrics(batch, mass, "vars").items()})
+        vas_out = self.vas_metrics(batch, mass, "vars", self._key_classes(batch))
+        out.update({k[len("vars/"):]: v for k, v in vas_out.items()})
         return out
 
     def evaluate(self, batch: RolloutBatch, tools: Tools) -> dict[str, float]:
         """VAS (§3.1) of the greedy held-out responses: one scoring forward with the
         evidence/system key-class masses on its layers."""
-        t = {**batch.model_inputs(), "response_mask": batch.response_mask,
-             "key_classes": self._key_classes(batch)}
+        kc = self._key_classes(batch)
+        t = {**batch.model_inputs(), "response_mask": batch.response_mask, "key_classes": kc}
         out = tools.learner.score(t, tools.temperature, self.request())
-        return self.vas_metrics(batch, self.masses(out["attn_stats"]), "eval")
+        return self.vas_metrics(batch, self.masses(out["attn_stats"]), "eval", kc)
 
-    def vas_metrics(self, batch: RolloutBatch, mass: dict, prefix: str) -> dict[str, float]:
+    def vas_metrics(self, batch: RolloutBatch, mass: dict, prefix: str,
+                    kc: torch.Tensor) -> dict[str, float]:
         """VAS over the response tokens and over the user-query tokens (§3.1 leaves U open:
         both are logged; the README reports the response one), overall and per layer: §3.1's
         mean of ratios (`vas_*`), and the headline pooled ratio (`vas_pooled_*`) and evidence
@@ -118,7 +120,7 @@ class Avar(Method):
         out = {}
         queries = {"response": batch.response_mask.bool(),
                    "query": user_query_mask(batch.token_classes, batch.attention_mask,
-                                            batch.response_mask, self._key_classes(batch))}
+                                            batch.response_mask, kc)}
         for name, q in queries.items():
             keep = q.any(1)
             if not keep.any():
