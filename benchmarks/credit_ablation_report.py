@@ -8,7 +8,9 @@ evaluation of a few hundred problems moves by ±2 points between neighbouring ch
         --out benchmarks/results/credit_ablation_arith
 
 Reads `<root>/<credit>/seed<k>/metrics.jsonl` (written by the trainer) and writes
-`table.md` and `curves.png` under --out. Final = the last eval of the run; peak = the best eval
+`table.md` and `curves.png` under --out. The training-rollout accuracy of the last 10 steps
+(a column and a third panel, 10-step moving mean) is a denser signal than a few held-out
+evaluations: every step samples its own group of responses, the same prompts for every arm. Final = the last eval of the run; peak = the best eval
 (the paper reports smoothed peaks, so both are shown). Δ columns are against `none`, paired by
 seed (same cold start, same prompts, same sampling seeds up to the credit method).
 """
@@ -23,6 +25,7 @@ import numpy as np
 ORDER = ["none", "random", "entropy", "local_chunk", "global_anchor", "coupled", "coupled_bottom",
          "attention_entropy", "mc"]
 METRICS = (("eval/accuracy", "greedy"), ("eval/accuracy_sampled", "sampled"))
+ROLLOUT = "rollout/accuracy"
 
 
 def load_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
@@ -47,6 +50,16 @@ def mean_of(rows: list[dict], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def last_steps(rows: list[dict], key: str, n: int = 10) -> float:
+    """Mean of `key` over the last n training steps, in percent."""
+    vals = [r[key] for r in rows if key in r]
+    return 100 * float(np.mean(vals[-n:])) if vals else float("nan")
+
+
+def moving_mean(x: np.ndarray, n: int = 10) -> np.ndarray:
+    return np.array([x[max(0, i - n + 1): i + 1].mean() for i in range(len(x))])
+
+
 def pm(x: list[float]) -> str:
     return f"{np.mean(x):.1f} ± {np.std(x, ddof=1) if len(x) > 1 else 0.0:.1f}"
 
@@ -57,7 +70,7 @@ def table(runs: dict) -> str:
     head = ["credit", "seeds"]
     for _, short in METRICS:
         head += [f"final {short}", f"Δ vs none ({short})", f"last-2 Δ ({short})", f"peak {short}"]
-    head += ["step s", "stats+credit share"]
+    head += ["rollout acc, last 10", "Δ vs none", "step s", "stats+credit share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         seeds = sorted(runs[m])
@@ -71,6 +84,9 @@ def table(runs: dict) -> str:
                      for s in seeds if s in base]
             cells += [pm(list(final.values())), pm(paired) if paired and m != "none" else "—",
                       pm(last2) if last2 and m != "none" else "—", pm(peak)]
+        late = {s: last_steps(runs[m][s], ROLLOUT) for s in seeds}
+        paired = [late[s] - last_steps(base[s], ROLLOUT) for s in seeds if s in base]
+        cells += [pm(list(late.values())), pm(paired) if paired and m != "none" else "—"]
         cells += [f"{np.mean([mean_of(runs[m][s], 'time/step_s') for s in seeds]):.2f}",
                   f"{100 * np.mean([mean_of(runs[m][s], 'time/credit_share') for s in seeds]):.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -88,7 +104,7 @@ def plot(runs: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), sharex=True)
     for ax, (key, short) in zip(axes, METRICS):
         for m in [m for m in ORDER if m in runs]:
             curves = [evals(rows, key) for rows in runs[m].values()]
@@ -103,6 +119,18 @@ def plot(runs: dict, path: Path, title: str) -> None:
         ax.set_xlabel("RL step")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
+    ax = axes[2]
+    for m in [m for m in ORDER if m in runs]:
+        curves = [evals(rows, ROLLOUT) for rows in runs[m].values()]
+        n = min(len(c[0]) for c in curves)
+        if n == 0:
+            continue
+        ys = np.stack([moving_mean(c[1][:n]) for c in curves])
+        ax.plot(curves[0][0][:n], ys.mean(0), label=m, lw=2.2 if m in ("none", "coupled") else 1.2)
+    ax.set_title("training rollouts' accuracy (10-step moving mean)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
