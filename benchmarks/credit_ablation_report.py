@@ -8,11 +8,12 @@ evaluation of a few hundred problems moves by ±2 points between neighbouring ch
         --out benchmarks/results/credit_ablation_arith
 
 Reads `<root>/<credit>/seed<k>/metrics.jsonl` (written by the trainer) and writes
-`table.md` and `curves.png` under --out. The training-rollout accuracy of the last 10 steps
-(a column and a third panel, 10-step moving mean) is a denser signal than a few held-out
-evaluations: every step samples its own group of responses, the same prompts for every arm. Final = the last eval of the run; peak = the best eval
-(the paper reports smoothed peaks, so both are shown). Δ columns are against `none`, paired by
-seed (same cold start, same prompts, same sampling seeds up to the credit method).
+`table.md` and `curves.png` under --out. Final = the last eval of the run; peak = the best eval
+(the paper reports smoothed peaks, so both are shown). The training rollouts' accuracy over the
+last 10 steps (a column, and a third panel as a 10-step moving mean) is a denser signal than a
+few held-out evaluations: every step samples fresh responses to prompts that are the same for
+every arm. Δ columns are against `none`, paired by seed (same cold start, same prompts, same
+sampling seeds up to the credit method).
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ def table(runs: dict) -> str:
             cells += [pm(list(final.values())), pm(paired) if paired and m != "none" else "—",
                       pm(last2) if last2 and m != "none" else "—", pm(peak)]
         late = {s: last_steps(runs[m][s], ROLLOUT) for s in seeds}
-        paired = [late[s] - last_steps(base[s], ROLLOUT) for s in seeds if s in base]
-        cells += [pm(list(late.values())), pm(paired) if paired and m != "none" else "—"]
+        late_paired = [late[s] - last_steps(base[s], ROLLOUT) for s in seeds if s in base]
+        cells += [pm(list(late.values())), pm(late_paired) if late_paired and m != "none" else "—"]
         cells += [f"{np.mean([mean_of(runs[m][s], 'time/step_s') for s in seeds]):.2f}",
                   f"{100 * np.mean([mean_of(runs[m][s], 'time/credit_share') for s in seeds]):.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
