@@ -119,6 +119,18 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def built_by(folder: str | Path) -> dict | None:
+    """Which code wrote a cached model (commit, time), for a run's summary: a cache is keyed by
+    config, so a later code change that alters the trained weights still serves the older build
+    (the image_arith cold start moved 5 points with the optimizer's kernel). None for a folder
+    without a manifest (a checkpoint the user gives)."""
+    try:
+        manifest = read_manifest(Path(folder))
+    except ValueError:
+        return None
+    return {"commit": manifest.get("commit"), "written_at": manifest.get("written_at")}
+
+
 def verify(folder: Path, mode: str = "full", required: tuple[str, ...] = (),
            large_bytes: int = LARGE_BYTES) -> Verdict:
     """Check `folder` against its manifest: every listed file present with its size, and its

@@ -30,6 +30,7 @@ from rl.algorithms.losses import PolicyLoss, PolicyLossConfig
 from rl.algorithms.overlong import apply_to_mask, apply_to_rewards
 from rl.batch import RolloutBatch
 from rl.loop.checkpoint import EARLIER, CheckpointManager, check_same_run
+from rl.loop.manifest import built_by, code_commit
 from rl.loop.cold_start import base_model_path, load_tokenizer, num_layers, run_cold_start
 from rl.config_checks import check_config, check_layers, overlong_config
 from rl.tasks.data import check_prompt_lengths, collate_rollouts, encode_prompt, train_samples_at
@@ -579,6 +580,8 @@ class Trainer:
                    "final_accuracy_sampled": evals.get("eval/accuracy_sampled", float("nan")),
                    "steps": self.step,
                    "policy_init": self.policy_init,  # the cold start, or what a stage before RL made of it
+                   "policy_init_built_by": built_by(self.policy_init),
+                   "commit": code_commit(),
                    "stopped_by": signals.received,  # SIGTERM / SIGINT, or None
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "learner_restarts": self.failures, "engine_restarts": self.engines.restarts,

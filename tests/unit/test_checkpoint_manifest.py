@@ -14,7 +14,7 @@ import torch
 from launch.verify import main as verify_main
 from rl.loop import checkpoint as checkpoint_module
 from rl.loop.checkpoint import CheckpointDamaged, CheckpointManager
-from rl.loop.manifest import MANIFEST, verify
+from rl.loop.manifest import MANIFEST, built_by, verify, write_manifest
 
 OPTIM = "ds/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
@@ -211,3 +211,19 @@ def test_a_cached_model_carries_a_manifest_and_a_damaged_one_is_built_again(tmp_
     os.remove(final / MANIFEST)  # cached before manifests existed: used as it is
     atomic_dir(final, build)
     assert len(builds) == 2
+
+
+def test_built_by_names_the_commit_that_wrote_a_cached_model(tmp_path):
+    model = tmp_path / "cold_start-abc"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    write_manifest(model, "cold_start", None)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True).stdout.strip()
+    got = built_by(model)
+    assert got["commit"] == head and len(head) == 40
+    assert got["written_at"] == json.loads((model / MANIFEST).read_text())["written_at"]
+    # a folder the user gives has no manifest: nothing to say, not an error
+    given = tmp_path / "hf_model"
+    given.mkdir()
+    assert built_by(given) is None
