@@ -61,6 +61,14 @@ def moving_mean(x: np.ndarray, n: int = 10) -> np.ndarray:
     return np.array([x[max(0, i - n + 1): i + 1].mean() for i in range(len(x))])
 
 
+def seed_curves(seed_rows: dict[int, list[dict]], key: str, transform=None):
+    """One arm's curves of `key`, cut to the shortest seed: (steps, [seeds, points])."""
+    curves = [evals(rows, key) for rows in seed_rows.values()]
+    n = min(len(c[0]) for c in curves)
+    ys = np.stack([(transform or (lambda y: y))(c[1][:n]) for c in curves])
+    return curves[0][0][:n], ys
+
+
 def pm(x: list[float]) -> str:
     return f"{np.mean(x):.1f} ± {np.std(x, ddof=1) if len(x) > 1 else 0.0:.1f}"
 
@@ -106,32 +114,24 @@ def plot(runs: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), sharex=True)
-    for ax, (key, short) in zip(axes, METRICS):
+    panels = [(key, f"held-out accuracy, {short}", False) for key, short in METRICS]
+    panels.append((ROLLOUT, "training rollouts' accuracy (10-step moving mean)", True))
+    for ax, (key, name, smooth) in zip(axes, panels):
         for m in [m for m in ORDER if m in runs]:
-            curves = [evals(rows, key) for rows in runs[m].values()]
-            n = min(len(c[0]) for c in curves)
-            steps = curves[0][0][:n]
-            ys = np.stack([c[1][:n] for c in curves])
+            steps, ys = seed_curves(runs[m], key, moving_mean if smooth else None)
+            if not len(steps):
+                continue
+            lw = 2.2 if m in ("none", "coupled") else 1.2
+            if smooth:  # 30 points a seed: the band would hide the lines
+                ax.plot(steps, ys.mean(0), label=m, lw=lw)
+                continue
             mu, sd = ys.mean(0), ys.std(0)
-            ax.plot(steps, mu, marker="o", ms=3, label=f"{m} (n={len(curves)})",
-                    lw=2.2 if m in ("none", "coupled") else 1.2)
+            ax.plot(steps, mu, marker="o", ms=3, label=f"{m} (n={len(ys)})", lw=lw)
             ax.fill_between(steps, mu - sd, mu + sd, alpha=0.12)
-        ax.set_title(f"held-out accuracy, {short}")
+        ax.set_title(name)
         ax.set_xlabel("RL step")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    ax = axes[2]
-    for m in [m for m in ORDER if m in runs]:
-        curves = [evals(rows, ROLLOUT) for rows in runs[m].values()]
-        n = min(len(c[0]) for c in curves)
-        if n == 0:
-            continue
-        ys = np.stack([moving_mean(c[1][:n]) for c in curves])
-        ax.plot(curves[0][0][:n], ys.mean(0), label=m, lw=2.2 if m in ("none", "coupled") else 1.2)
-    ax.set_title("training rollouts' accuracy (10-step moving mean)")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
